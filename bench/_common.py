@@ -1,0 +1,91 @@
+"""What every benchmark shares: timing, result files, synthetic policy batches."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zk0.shared.features import ACTION_KEY, STATE_KEY
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median and spread of ``repeats`` timed calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        samples.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples)}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def write_result(path: Path | None, result: dict[str, Any], summary: str) -> None:
+    """Print the one-line summary; write the JSON (with the summary and machine) if asked."""
+    result = {**result, "summary": summary, "machine": machine_info()}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    print(summary)
+
+
+def synthetic_batch(
+    policy: Any, preprocessor: Any, batch_size: int, task: str = "pick the cube", seed: int = 0
+) -> dict[str, Any]:
+    """A preprocessed training batch of random frames shaped like the policy's inputs.
+
+    Used where only cost or trainability matters; learning from real episodes lives with the
+    recorder and the trainer.
+    """
+    config = policy.config
+    generator = torch.Generator().manual_seed(seed)
+    frames = []
+    for _ in range(batch_size):
+        frame: dict[str, Any] = {
+            key: torch.rand(feature.shape, generator=generator)
+            for key, feature in config.input_features.items()
+        }
+        frame["task"] = task
+        frames.append(preprocessor(frame))
+    batch = {
+        key: torch.cat([f[key] for f in frames])
+        if isinstance(frames[0][key], torch.Tensor)
+        else frames[0][key]
+        for key in frames[0]
+        if key.startswith("observation.")
+    }
+    action_dim = config.output_features[ACTION_KEY].shape[0]
+    device = batch[STATE_KEY].device
+    batch[ACTION_KEY] = torch.randn(
+        batch_size, config.chunk_size, action_dim, generator=generator
+    ).to(device)
+    batch["action_is_pad"] = torch.zeros(
+        batch_size, config.chunk_size, dtype=torch.bool, device=device
+    )
+    return batch

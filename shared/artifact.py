@@ -1,0 +1,248 @@
+"""The adapter artifact: the unit that travels between agents and hub.
+
+A folder that PEFT and LeRobot load as it is, plus a manifest that covers every byte::
+
+    adapter_config.json         PEFT's config (base_model_name_or_path names the base)
+    adapter_model.safetensors   lora_A / lora_B tensors
+    config.json                 the base policy's LeRobot config
+    manifest.json               canonical JSON: versions, base, LoRA config, hashes, tensors
+    manifest.json.sha256        the artifact id (sha256 of manifest.json), to catch edits
+
+The artifact id is the sha256 of the canonical ``manifest.json``; since the manifest holds the
+sha256 of every other file, the id covers the whole artifact. Loading verifies everything before
+any tensor reaches a model, and refuses with one line saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from zk0.shared.fsutil import atomic_write_bytes, publish_dir, sha256_file, staging_dir_for
+from zk0.shared.lora import LoraSpec, adapter_state, load_adapter_state
+from zk0.shared.policy_factory import BaseRef
+
+FORMAT = "zk0-adapter/1"
+MANIFEST = "manifest.json"
+ID_FILE = "manifest.json.sha256"
+TENSORS_FILE = "adapter_model.safetensors"
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+Metric = int | float | str | bool | None
+
+
+class ArtifactError(ValueError):
+    """An artifact is missing, tampered with, truncated or built for another base."""
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class TensorEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class BaseEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    spec: str
+    name_or_path: str
+    id: str
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: str = FORMAT
+    version: int = Field(ge=0)
+    parent_version: int | None = Field(default=None, ge=0)
+    base: BaseEntry
+    lora: LoraSpec
+    round: int | None = Field(default=None, ge=0)
+    created_at: str
+    files: dict[str, FileEntry]
+    tensors: dict[str, TensorEntry]
+    metrics: dict[str, Metric] = Field(default_factory=dict)
+
+    def canonical_bytes(self) -> bytes:
+        return canonical_json(self.model_dump(mode="json"))
+
+    @property
+    def artifact_id(self) -> str:
+        return hashlib.sha256(self.canonical_bytes()).hexdigest()
+
+    @property
+    def adapter_bytes(self) -> int:
+        return self.files[TENSORS_FILE].size
+
+
+def canonical_json(value: Any) -> bytes:
+    return (json.dumps(value, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode()
+
+
+def safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """Tensor names, shapes and dtypes from a safetensors header, without loading tensors."""
+    with path.open("rb") as handle:
+        raw_length = handle.read(8)
+        if len(raw_length) != 8:
+            raise ArtifactError(f"{path}: truncated safetensors header")
+        (length,) = struct.unpack("<Q", raw_length)
+        if length > MAX_SAFETENSORS_HEADER:
+            raise ArtifactError(f"{path}: safetensors header of {length} bytes is implausible")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ArtifactError(f"{path}: safetensors header is not valid JSON") from None
+    header.pop("__metadata__", None)
+    return {
+        name: TensorEntry(shape=tuple(info["shape"]), dtype=info["dtype"])
+        for name, info in sorted(header.items())
+    }
+
+
+def save_adapter(
+    peft_model: Any,
+    out_dir: Path,
+    *,
+    version: int,
+    base: BaseRef,
+    lora: LoraSpec,
+    parent_version: int | None = None,
+    round_: int | None = None,
+    metrics: dict[str, Metric] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> Manifest:
+    """Write ``peft_model``'s adapter as a verified artifact at ``out_dir`` (atomically)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ArtifactError(f"{out_dir}: already exists; artifacts are never overwritten")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_dir_for(out_dir)
+    try:
+        peft_model.peft_config["default"].base_model_name_or_path = base.name_or_path
+        peft_model.save_pretrained(staging)
+        peft_model.base_model.model.config._save_pretrained(staging)
+        (staging / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
+        for name, data in (extra_files or {}).items():
+            (staging / name).write_bytes(data)
+        manifest = Manifest(
+            version=version,
+            parent_version=parent_version,
+            base=BaseEntry(spec=base.spec, name_or_path=base.name_or_path, id=base.base_id),
+            lora=lora,
+            round=round_,
+            created_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+            files={
+                path.name: FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
+                for path in sorted(staging.iterdir())
+            },
+            tensors=safetensors_header(staging / TENSORS_FILE),
+            metrics=metrics or {},
+        )
+        (staging / MANIFEST).write_bytes(manifest.canonical_bytes())
+        (staging / ID_FILE).write_text(manifest.artifact_id + "\n")
+        publish_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Parse ``manifest.json`` (no file checks); one-line error if absent or malformed."""
+    path = Path(folder) / MANIFEST
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{folder}: no {MANIFEST}") from None
+    try:
+        manifest = Manifest.model_validate_json(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ArtifactError(f"{path}: {where}: {first['msg']}") from None
+    if manifest.canonical_bytes() != raw:
+        raise ArtifactError(f"{path}: not in canonical form (edited by hand?)")
+    return manifest
+
+
+def verify_artifact(
+    folder: Path,
+    expected_id: str | None = None,
+    base: BaseRef | None = None,
+    expected_tensors: dict[str, TensorEntry] | None = None,
+) -> Manifest:
+    """Check every hash, size and tensor before use; raises ``ArtifactError`` with one line."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: no such artifact folder")
+    manifest = read_manifest(folder)
+    artifact_id = manifest.artifact_id
+    id_path = folder / ID_FILE
+    if not id_path.is_file() or id_path.read_text().strip() != artifact_id:
+        raise ArtifactError(f"{folder}: {MANIFEST} does not match {ID_FILE} (manifest edited?)")
+    if expected_id is not None and artifact_id != expected_id:
+        raise ArtifactError(
+            f"{folder}: artifact id {artifact_id[:12]}… is not the expected {expected_id[:12]}…"
+        )
+    present = {p.name for p in folder.iterdir()} - {MANIFEST, ID_FILE}
+    if present != set(manifest.files):
+        missing, extra = (
+            sorted(set(manifest.files) - present),
+            sorted(present - set(manifest.files)),
+        )
+        raise ArtifactError(
+            f"{folder}: files differ from the manifest (missing {missing}, unexpected {extra})"
+        )
+    for name, entry in manifest.files.items():
+        path = folder / name
+        size = path.stat().st_size
+        if size != entry.size:
+            raise ArtifactError(f"{path}: {size} bytes, manifest says {entry.size} (truncated?)")
+        if sha256_file(path) != entry.sha256:
+            raise ArtifactError(f"{path}: sha256 differs from the manifest (corrupted or tampered)")
+    if TENSORS_FILE not in manifest.files:
+        raise ArtifactError(f"{folder}: the manifest lists no {TENSORS_FILE}")
+    if safetensors_header(folder / TENSORS_FILE) != manifest.tensors:
+        raise ArtifactError(f"{folder}: tensors in {TENSORS_FILE} differ from the manifest")
+    if base is not None and manifest.base.id != base.base_id:
+        raise ArtifactError(
+            f"{folder}: built on base {manifest.base.id}, not on {base.spec} ({base.base_id})"
+        )
+    if expected_tensors is not None and manifest.tensors != expected_tensors:
+        names = sorted(set(manifest.tensors) ^ set(expected_tensors))
+        raise ArtifactError(f"{folder}: adapter tensors do not fit this model (e.g. {names[:2]})")
+    return manifest
+
+
+def expected_tensors(peft_model: Any) -> dict[str, TensorEntry]:
+    """Names, shapes and dtypes an adapter for ``peft_model`` must have."""
+    return {
+        name: TensorEntry(shape=tuple(t.shape), dtype=_safetensors_dtype(t.dtype))
+        for name, t in sorted(adapter_state(peft_model).items())
+    }
+
+
+def _safetensors_dtype(dtype: Any) -> str:
+    return {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16"}[str(dtype)]
+
+
+def load_adapter(
+    peft_model: Any, folder: Path, expected_id: str | None = None, base: BaseRef | None = None
+) -> Manifest:
+    """Verify ``folder`` against ``peft_model`` and load its tensors into it."""
+    from safetensors.torch import load_file
+
+    manifest = verify_artifact(folder, expected_id, base, expected_tensors(peft_model))
+    load_adapter_state(peft_model, load_file(Path(folder) / TENSORS_FILE))
+    return manifest

@@ -1,0 +1,247 @@
+"""Configuration models, validated at the edge and loaded from YAML.
+
+Every model forbids unknown keys, so a typo in a robot's YAML fails at start-up with one line
+naming the file and the field instead of being silently ignored on a real arm.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: LeRobot's convention for SmolVLA checkpoints: cameras feed these keys, missing ones are
+#: declared as ``empty_cameras``. The tiny bases use camera1 = front, camera2 = wrist.
+POLICY_IMAGE_KEYS = (
+    "observation.images.camera1",
+    "observation.images.camera2",
+    "observation.images.camera3",
+)
+AGENT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+REAL_ROBOT_TYPES = ("so100_follower", "so101_follower")
+ROBOT_TYPES = (*REAL_ROBOT_TYPES, "sim_so101", "synthetic")
+#: LeRobot's SO-100/SO-101 follower reports these six motors (5 in degrees, gripper 0..100).
+SO_ARM_JOINTS = (
+    "shoulder_pan",
+    "shoulder_lift",
+    "elbow_flex",
+    "wrist_flex",
+    "wrist_roll",
+    "gripper",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message is one line naming file and field."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CameraConfig(StrictModel):
+    """One physical (or simulated) camera and the policy input it feeds."""
+
+    type: Literal["opencv", "sim", "synthetic"] = "opencv"
+    index_or_path: int | str | None = None
+    width: Annotated[int, Field(gt=0, le=4096)]
+    height: Annotated[int, Field(gt=0, le=4096)]
+    fps: Annotated[int, Field(gt=0, le=240)] = 30
+    policy_key: str
+
+    @field_validator("policy_key")
+    @classmethod
+    def _known_policy_key(cls, value: str) -> str:
+        if value not in POLICY_IMAGE_KEYS:
+            raise ValueError(f"must be one of {', '.join(POLICY_IMAGE_KEYS)}, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _opencv_needs_device(self) -> Self:
+        if self.type == "opencv" and self.index_or_path is None:
+            raise ValueError("an opencv camera needs index_or_path (e.g. 0 or /dev/video0)")
+        return self
+
+
+class ArmConfig(StrictModel):
+    """A LeRobot robot or teleoperator: its registered type, its id and its serial port."""
+
+    type: str
+    id: Annotated[str, Field(min_length=1, max_length=64)]
+    port: str | None = None
+    calibration_dir: Path | None = None
+
+
+class RobotConfig(StrictModel):
+    """What an agent needs to know about its arm: follower, leader, cameras, timing, task."""
+
+    robot: ArmConfig
+    leader: ArmConfig | None = None
+    cameras: dict[str, CameraConfig]
+    fps: Annotated[int, Field(gt=0, le=240)] = 30
+    task: str
+    max_task_chars: Annotated[int, Field(gt=0, le=1000)] = 30
+    episode_time_s: Annotated[float, Field(gt=0)] = 20.0
+    reset_time_s: Annotated[float, Field(ge=0)] = 5.0
+    #: Backend-specific options (e.g. the simulated arm's task variant); validated by the backend.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("robot")
+    @classmethod
+    def _known_robot(cls, robot: ArmConfig) -> ArmConfig:
+        if robot.type not in ROBOT_TYPES:
+            raise ValueError(f"type must be one of {', '.join(ROBOT_TYPES)}, got {robot.type!r}")
+        if robot.type in REAL_ROBOT_TYPES and not robot.port:
+            raise ValueError(f"port is required for a real arm ({robot.type})")
+        return robot
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if not self.cameras:
+            raise ValueError("cameras: at least one camera is required")
+        keys = [camera.policy_key for camera in self.cameras.values()]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"cameras: two cameras feed the same policy key ({sorted(keys)})")
+        if not self.task.strip():
+            raise ValueError("task: must not be empty")
+        if len(self.task) > self.max_task_chars:
+            raise ValueError(
+                f"task: {len(self.task)} characters, more than max_task_chars={self.max_task_chars}"
+            )
+        if self.leader is not None and self.robot.type in REAL_ROBOT_TYPES and not self.leader.port:
+            raise ValueError("leader: port is required for a real leader arm")
+        return self
+
+    @property
+    def joint_names(self) -> tuple[str, ...]:
+        """Motor names in the order LeRobot's SO follower reports them (state and action)."""
+        return SO_ARM_JOINTS
+
+    def image_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Policy image key -> (channels, height, width) as this arm delivers it."""
+        return {c.policy_key: (3, c.height, c.width) for c in self.cameras.values()}
+
+
+class HubAddress(StrictModel):
+    host: str = "127.0.0.1"
+    flower_port: Annotated[int, Field(gt=0, lt=65536)] = 9092
+    publish_port: Annotated[int, Field(gt=0, lt=65536)] = 5556
+    fetch_port: Annotated[int, Field(gt=0, lt=65536)] = 5557
+
+
+class AgentKeys(StrictModel):
+    curve_secret: Path
+    curve_public: Path
+    hub_curve_public: Path
+    supernode_private_key: Path | None = None
+
+
+class AgentConfig(StrictModel):
+    """One robot workstation. ``agent_id`` names the arm in logs, keys, Flower and eval history."""
+
+    agent_id: str = Field(pattern=AGENT_ID_PATTERN)
+    robot_config: Path
+    data_root: Path
+    hub: HubAddress = HubAddress()
+    keys: AgentKeys | None = None
+    policy: str = "lerobot/smolvla_base"
+
+    def load_robot_config(self) -> RobotConfig:
+        return load_robot_config(self.robot_config)
+
+
+class HubKeys(StrictModel):
+    curve_secret: Path
+    curve_public: Path
+    allow_list_dir: Path
+
+
+class HubConfig(StrictModel):
+    """The hub server: where it listens, where it keeps adapters and keys."""
+
+    bind_host: str = "127.0.0.1"
+    flower_port: Annotated[int, Field(gt=0, lt=65536)] = 9092
+    publish_port: Annotated[int, Field(gt=0, lt=65536)] = 5556
+    fetch_port: Annotated[int, Field(gt=0, lt=65536)] = 5557
+    store_root: Path
+    keys: HubKeys | None = None
+    policy: str = "lerobot/smolvla_base"
+    heartbeat_s: Annotated[float, Field(gt=0)] = 1.0
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Self:
+        ports = [self.flower_port, self.publish_port, self.fetch_port]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"flower_port, publish_port and fetch_port must differ, got {ports}")
+        return self
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML loader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _format_error(path: Path, error: ValidationError) -> str:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = re.sub(r"^Value error, ", "", first["msg"])
+    more = len(error.errors()) - 1
+    suffix = f" (and {more} more)" if more else ""
+    return f"{path}: {location}: {message}{suffix}"
+
+
+def load_yaml_model[M: BaseModel](path: Path, model: type[M]) -> M:
+    """Load ``path`` into ``model``; relative paths inside resolve against the file's folder."""
+    path = Path(path)
+    try:
+        raw = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{path}:{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        loaded = model.model_validate(raw, context={"base_dir": path.parent})
+    except ValidationError as error:
+        raise ConfigError(_format_error(path, error)) from None
+    return _resolve_paths(loaded, path.parent.resolve())
+
+
+def _resolve_paths[M: BaseModel](model: M, base_dir: Path) -> M:
+    updates: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            updates[name] = base_dir / value
+        elif isinstance(value, BaseModel):
+            updates[name] = _resolve_paths(value, base_dir)
+    return model.model_copy(update=updates) if updates else model
+
+
+def load_robot_config(path: Path) -> RobotConfig:
+    return load_yaml_model(path, RobotConfig)
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    return load_yaml_model(path, AgentConfig)
+
+
+def load_hub_config(path: Path) -> HubConfig:
+    return load_yaml_model(path, HubConfig)
