@@ -22,17 +22,18 @@ def config_check(config: Annotated[Path, typer.Option("--config", help="agent.ya
     agent = load_agent_config(config)
     robot = agent.load_robot_config()
     features = PolicyFeatures.from_robot_config(robot)
-    print(f"agent id      {agent.agent_id}")
-    print(
-        f"robot         {robot.robot.type} ({robot.robot.id}) at {robot.robot.port or '-'}, {robot.fps} fps"
+    typer.echo(f"agent id      {agent.agent_id}")
+    typer.echo(
+        f"robot         {robot.robot.type} ({robot.robot.id}) "
+        f"at {robot.robot.port or '-'}, {robot.fps} fps"
     )
     for name, camera in robot.cameras.items():
-        print(f"camera        {name}: {camera.width}x{camera.height} -> {camera.policy_key}")
-    print(
+        typer.echo(f"camera        {name}: {camera.width}x{camera.height} -> {camera.policy_key}")
+    typer.echo(
         f"policy        {agent.policy} (state {features.state_dim}, action {features.action_dim})"
     )
-    print(f"data root     {agent.data_root}")
-    print(f"hub           {agent.hub.host} (flower {agent.hub.flower_port})")
+    typer.echo(f"data root     {agent.data_root}")
+    typer.echo(f"hub           {agent.hub.host} (flower {agent.hub.flower_port})")
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import typer
 
 from zk0.shared.features import ACTION_KEY, STATE_KEY
 
@@ -52,7 +53,7 @@ def write_result(path: Path | None, result: dict[str, Any], summary: str) -> Non
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
-    print(summary)
+    typer.echo(summary)
 
 
 def synthetic_batch(

@@ -23,12 +23,12 @@ ConfigOption = Annotated[Path, typer.Option("--config", help="hub.yaml")]
 def config_check(config: ConfigOption) -> None:
     """Validate a hub config; print where the hub will listen and keep adapters."""
     hub = load_hub_config(config)
-    print(
+    typer.echo(
         f"listen        {hub.bind_host}: flower {hub.flower_port}, publish {hub.publish_port}, "
         f"fetch {hub.fetch_port}"
     )
-    print(f"store         {hub.store_root}")
-    print(f"policy        {hub.policy}")
+    typer.echo(f"store         {hub.store_root}")
+    typer.echo(f"policy        {hub.policy}")
 
 
 @adapters_app.command("list")
@@ -40,8 +40,9 @@ def adapters_list(config: ConfigOption) -> None:
         manifest = store.manifest(version)
         mark = "*" if pointer and pointer.version == version else " "
         metrics = ", ".join(f"{k}={v}" for k, v in sorted(manifest.metrics.items()))
-        print(
-            f"{mark} v{version:<5} round {manifest.round!s:<5} parent {manifest.parent_version!s:<5} "
+        typer.echo(
+            f"{mark} v{version:<5} round {manifest.round!s:<5} "
+            f"parent {manifest.parent_version!s:<5} "
             f"{manifest.artifact_id[:12]}  {metrics}"
         )
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from zk0.shared.fsutil import atomic_write_bytes, publish_dir, sha256_file, staging_dir_for
+from zk0.shared.fsutil import publish_dir, sha256_file, staging_dir_for
 from zk0.shared.lora import LoraSpec, adapter_state, load_adapter_state
 from zk0.shared.policy_factory import BaseRef
 

@@ -67,18 +67,37 @@ class BackboneRecipe:
 
 TINY = BackboneRecipe(
     name="tiny",
-    text_hidden=64, text_layers=4, text_heads=4, text_kv_heads=2, text_ffn=128, vocab_size=512,
-    vision_hidden=32, vision_layers=2, vision_heads=2, vision_ffn=64,
-    image_size=64, patch_size=16, scale_factor=2,
-)  # fmt: skip
+    text_hidden=64,
+    text_layers=4,
+    text_heads=4,
+    text_kv_heads=2,
+    text_ffn=128,
+    vocab_size=512,
+    vision_hidden=32,
+    vision_layers=2,
+    vision_heads=2,
+    vision_ffn=64,
+    image_size=64,
+    patch_size=16,
+    scale_factor=2,
+)
 #: SmolVLM2-500M-Video-Instruct's published dimensions (the backbone of lerobot/smolvla_base).
 SMOLVLM2_500M = BackboneRecipe(
     name="smolvlm2-500m-arch",
-    text_hidden=960, text_layers=32, text_heads=15, text_kv_heads=5, text_ffn=2560,
+    text_hidden=960,
+    text_layers=32,
+    text_heads=15,
+    text_kv_heads=5,
+    text_ffn=2560,
     vocab_size=49280,
-    vision_hidden=768, vision_layers=12, vision_heads=12, vision_ffn=3072,
-    image_size=512, patch_size=16, scale_factor=4,
-)  # fmt: skip
+    vision_hidden=768,
+    vision_layers=12,
+    vision_heads=12,
+    vision_ffn=3072,
+    image_size=512,
+    patch_size=16,
+    scale_factor=4,
+)
 
 
 def _train_tokenizer(recipe: BackboneRecipe) -> object:

@@ -49,7 +49,7 @@ def run_cli(typer_app: typer.Typer) -> None:
     try:
         typer_app()
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        typer.echo(f"error: {error}", err=True)
         sys.exit(2)
 
 
@@ -93,19 +93,21 @@ def policy_info(
     summary = summarize(apply_lora(model, spec))
     report = {"policy": policy, "lora": spec.model_dump(mode="json"), **summary.as_dict()}
     if as_json:
-        print(json.dumps(report, indent=2))
+        typer.echo(json.dumps(report, indent=2))
         return
-    print(f"policy            {policy}")
-    print(f"total params      {summary.total_params:,}")
-    print(f"trainable params  {summary.trainable_params:,}")
-    print(f"LoRA params       {summary.lora_params:,} (rank {spec.rank}, alpha {spec.alpha:g})")
-    print(
+    typer.echo(f"policy            {policy}")
+    typer.echo(f"total params      {summary.total_params:,}")
+    typer.echo(f"trainable params  {summary.trainable_params:,}")
+    typer.echo(
+        f"LoRA params       {summary.lora_params:,} (rank {spec.rank}, alpha {spec.alpha:g})"
+    )
+    typer.echo(
         f"adapter size      {summary.adapter_bytes_fp32 / 1e6:.2f} MB fp32, "
         f"{summary.adapter_bytes_bf16 / 1e6:.2f} MB bf16"
     )
-    print(f"wrapped modules   {len(summary.wrapped_modules)}")
+    typer.echo(f"wrapped modules   {len(summary.wrapped_modules)}")
     for name in summary.wrapped_modules:
-        print(f"  {name}")
+        typer.echo(f"  {name}")
 
 
 @adapter_app.command("init")
@@ -127,7 +129,7 @@ def adapter_init(
     spec = lora_options(rank, alpha, dropout, targets)
     peft_model = apply_lora(loaded.policy, spec, loaded.base.name_or_path)
     manifest = save_adapter(peft_model, out, version=0, base=loaded.base, lora=spec)
-    print(f"{out}  version 0  id {manifest.artifact_id}")
+    typer.echo(f"{out}  version 0  id {manifest.artifact_id}")
 
 
 @adapter_app.command("verify")
@@ -154,7 +156,7 @@ def adapter_verify(
         lora = read_manifest(folder).lora
         expected = expected_tensors(apply_lora(loaded.policy, lora))
     manifest = verify_artifact(folder, artifact_id, base_ref, expected)
-    print(f"ok  {folder}  version {manifest.version}  id {manifest.artifact_id}")
+    typer.echo(f"ok  {folder}  version {manifest.version}  id {manifest.artifact_id}")
 
 
 @adapter_app.command("info")
@@ -169,22 +171,23 @@ def adapter_info(
         **manifest.model_dump(mode="json"),
     }
     if as_json:
-        print(json.dumps(report, indent=2))
+        typer.echo(json.dumps(report, indent=2))
         return
     lora = manifest.lora
-    print(f"artifact id   {manifest.artifact_id}")
-    print(
-        f"version       {manifest.version} (parent {manifest.parent_version}, round {manifest.round})"
+    typer.echo(f"artifact id   {manifest.artifact_id}")
+    typer.echo(
+        f"version       {manifest.version} "
+        f"(parent {manifest.parent_version}, round {manifest.round})"
     )
-    print(f"base          {manifest.base.spec}  {manifest.base.id}")
-    print(
+    typer.echo(f"base          {manifest.base.spec}  {manifest.base.id}")
+    typer.echo(
         f"LoRA          rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, "
         f"targets {','.join(lora.targets)}"
     )
-    print(f"tensors       {len(manifest.tensors)}, {manifest.adapter_bytes:,} bytes")
-    print(f"created at    {manifest.created_at}")
+    typer.echo(f"tensors       {len(manifest.tensors)}, {manifest.adapter_bytes:,} bytes")
+    typer.echo(f"created at    {manifest.created_at}")
     for key, value in sorted(manifest.metrics.items()):
-        print(f"metric        {key} = {value}")
+        typer.echo(f"metric        {key} = {value}")
 
 
 def _bench_names() -> list[str]:
@@ -208,8 +211,9 @@ def bench(
 ) -> None:
     """Run a benchmark from bench/: ``zk0 bench NAME --json F`` (``zk0 bench NAME --help``)."""
     if name is None or name in ("--help", "-h"):
-        print(
-            f"usage: zk0 bench NAME [--json F] [options]; NAME is one of: {', '.join(_bench_names())}"
+        typer.echo(
+            "usage: zk0 bench NAME [--json F] [options]; "
+            f"NAME is one of: {', '.join(_bench_names())}"
         )
         return
     if name not in _bench_names():
@@ -220,3 +224,46 @@ def bench(
 
 if __name__ == "__main__":
     main()
+
+
+@app.command("demo")
+def demo(
+    policy: PolicyOption = "tiny",
+    robot_config: RobotOption = DEFAULT_ROBOT_CONFIG,
+    outputs: Annotated[Path, typer.Option(help="Root of the run folders.")] = Path("outputs"),
+) -> None:
+    """The end-to-end path so far: base, LoRA, a hub version, a verified agent copy."""
+    from loguru import logger
+
+    from zk0.shared.artifact import load_adapter, save_adapter
+    from zk0.shared.logs import new_run_dir, setup_logging
+    from zk0.shared.lora import apply_lora, summarize
+    from zk0.shared.policy_factory import build_policy
+    from zk0.shared.store import AdapterStore
+
+    run_dir = new_run_dir(outputs)
+    setup_logging(run_dir, "demo")
+    features = _features(robot_config)
+    loaded = build_policy(policy, features)
+    spec = LoraSpec()
+    peft_model = apply_lora(loaded.policy, spec, loaded.base.name_or_path)
+    summary = summarize(peft_model)
+    logger.info(
+        "base {} ({}), {:,} LoRA parameters on {} expert projections",
+        policy,
+        loaded.base.base_id[:19],
+        summary.lora_params,
+        len(summary.wrapped_modules),
+    )
+    hub_store = AdapterStore(run_dir / "hub" / "adapters")
+    with hub_store.allocate() as (version, path):
+        manifest = save_adapter(peft_model, path, version=version, base=loaded.base, lora=spec)
+    hub_store.set_current(version)
+    agent_store = AdapterStore(run_dir / "agents" / "sim-01" / "adapters")
+    agent_store.install(hub_store.path(version), expected_id=manifest.artifact_id)
+    agent_store.set_current(version)
+    load_adapter(peft_model, agent_store.path(version), manifest.artifact_id, loaded.base)
+    logger.info("agent sim-01 runs version {} ({}…)", version, manifest.artifact_id[:12])
+    typer.echo(f"run folder   {run_dir}")
+    typer.echo(f"hub store    {hub_store.root} (current v{version})")
+    typer.echo(f"agent store  {agent_store.root} (current v{version})")

@@ -207,7 +207,7 @@ def load_yaml_model[M: BaseModel](path: Path, model: type[M]) -> M:
     """Load ``path`` into ``model``; relative paths inside resolve against the file's folder."""
     path = Path(path)
     try:
-        raw = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+        raw = yaml.load(path.read_text(), Loader=_StrictLoader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except yaml.YAMLError as error:

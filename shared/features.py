@@ -39,15 +39,15 @@ class PolicyFeatures:
         cls, input_features: dict[str, Any], output_features: dict[str, Any]
     ) -> PolicyFeatures:
         """From a SmolVLA config's ``input_features``/``output_features`` (``PolicyFeature``)."""
-        images = {
-            key: tuple(feature.shape)
+        images: dict[str, tuple[int, int, int]] = {
+            key: (int(feature.shape[0]), int(feature.shape[1]), int(feature.shape[2]))
             for key, feature in input_features.items()
             if key.startswith("observation.images.")
         }
         return cls(
             state_dim=int(input_features[STATE_KEY].shape[0]),
             action_dim=int(output_features[ACTION_KEY].shape[0]),
-            images=dict(sorted(images.items())),  # type: ignore[arg-type]
+            images=dict(sorted(images.items())),
         )
 
     def to_lerobot(self) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -17,6 +17,7 @@ import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 
 from loguru import logger
 
@@ -34,7 +35,8 @@ class _InterceptHandler(logging.Handler):
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
-        frame, depth = logging.currentframe(), 2
+        frame: FrameType | None = logging.currentframe()
+        depth = 2
         while frame is not None and frame.f_code.co_filename == logging.__file__:
             frame, depth = frame.f_back, depth + 1
         logger.opt(depth=depth, exception=record.exc_info).log(level, record.getMessage())

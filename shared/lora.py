@@ -75,7 +75,10 @@ def apply_lora(policy: Any, spec: LoraSpec, base_model_name_or_path: str | None 
 
     for parameter in policy.parameters():
         parameter.requires_grad_(False)
-    return get_peft_model(policy, spec.peft_config(base_model_name_or_path))
+    if base_model_name_or_path:
+        policy.name_or_path = base_model_name_or_path  # PEFT records the base from this attribute
+    name = getattr(policy, "name_or_path", None)
+    return get_peft_model(policy, spec.peft_config(name))
 
 
 def is_lora_parameter(name: str) -> bool:

@@ -215,7 +215,8 @@ def make_processors(
     """LeRobot's SmolVLA pre/post processors; features without stats pass un-normalized."""
     from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
 
-    return make_smolvla_pre_post_processors(policy_config, dataset_stats)
+    preprocessor, postprocessor = make_smolvla_pre_post_processors(policy_config, dataset_stats)
+    return preprocessor, postprocessor
 
 
 def build_policy(
@@ -233,6 +234,7 @@ def build_policy(
     with _stdout_to_stderr():
         policy = SmolVLAPolicy.from_pretrained(str(folder), local_files_only=True)
     policy.config.device = device
+    policy.name_or_path = base.name_or_path
     policy.to(device).eval()
     loaded_features = PolicyFeatures.from_lerobot(
         policy.config.input_features, policy.config.output_features

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import predict, train_steps
 
+from conftest import predict, train_steps
 from zk0.shared.features import PolicyFeatures
 from zk0.shared.lora import LoraSpec, apply_lora, is_lora_parameter, summarize
 from zk0.shared.policy_factory import LoadedPolicy, PolicySpecError, build_policy, resolve_base
@@ -26,9 +26,11 @@ def test_tiny_base_is_deterministic_and_named_by_content(
     assert first.base.base_id == second.base.base_id
     assert first.base.base_id.startswith("sha256:")
     torch.testing.assert_close(
-        predict(first.policy, first.preprocessor), predict(second.policy, second.preprocessor),
-        rtol=0, atol=0,
-    )  # fmt: skip
+        predict(first.policy, first.preprocessor),
+        predict(second.policy, second.preprocessor),
+        rtol=0,
+        atol=0,
+    )
     other_cameras = PolicyFeatures(6, 6, {"observation.images.camera1": (3, 64, 64)})
     assert resolve_base("tiny", other_cameras).base_id != first.base.base_id
 
@@ -48,9 +50,11 @@ def test_local_checkpoint_folder_is_a_policy_spec(
     assert loaded.base.base_id == resolve_base(str(tmp_path / "ckpt")).base_id
     assert loaded.base.name_or_path == str((tmp_path / "ckpt").resolve())
     torch.testing.assert_close(
-        predict(loaded.policy, loaded.preprocessor), predict(tiny.policy, tiny.preprocessor),
-        rtol=0, atol=0,
-    )  # fmt: skip
+        predict(loaded.policy, loaded.preprocessor),
+        predict(tiny.policy, tiny.preprocessor),
+        rtol=0,
+        atol=0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -61,12 +65,16 @@ def test_local_checkpoint_folder_is_a_policy_spec(
         ("lerobot/smolvla_base", "cannot fetch from the Hub"),  # offline: refused, not hung
     ],
 )
-def test_unknown_spec_is_one_clear_error(spec: str, message: str, sim_features: PolicyFeatures) -> None:
+def test_unknown_spec_is_one_clear_error(
+    spec: str, message: str, sim_features: PolicyFeatures
+) -> None:
     with pytest.raises(PolicySpecError, match=message):
         build_policy(spec, sim_features, device="cpu")
 
 
-def test_lora_wraps_only_expert_attention_projections(make_tiny: Callable[[], LoadedPolicy]) -> None:
+def test_lora_wraps_only_expert_attention_projections(
+    make_tiny: Callable[[], LoadedPolicy],
+) -> None:
     tiny = make_tiny()
     layers = len(tiny.policy.model.vlm_with_expert.lm_expert.layers)
     summary = summarize(apply_lora(tiny.policy, LoraSpec()))
@@ -94,11 +102,17 @@ def test_training_moves_only_lora_weights(make_tiny: Callable[[], LoadedPolicy])
     before = {name: p.detach().clone() for name, p in peft_model.named_parameters()}
     train_steps(peft_model, tiny.preprocessor, steps=3)
     after = dict(peft_model.named_parameters())
-    frozen_changed = [n for n in before if not is_lora_parameter(n) and not torch.equal(before[n], after[n])]
-    lora_changed = [n for n in before if is_lora_parameter(n) and not torch.equal(before[n], after[n])]
+    frozen_changed = [
+        n for n in before if not is_lora_parameter(n) and not torch.equal(before[n], after[n])
+    ]
+    lora_changed = [
+        n for n in before if is_lora_parameter(n) and not torch.equal(before[n], after[n])
+    ]
     assert frozen_changed == []
     assert lora_changed, "training did not move any adapter weight"
-    trainable_outside = [n for n, p in after.items() if p.requires_grad and not is_lora_parameter(n)]
+    trainable_outside = [
+        n for n, p in after.items() if p.requires_grad and not is_lora_parameter(n)
+    ]
     assert trainable_outside == []
     vision_or_text = [n for n in after if ".vlm." in n and is_lora_parameter(n)]
     assert vision_or_text == []
@@ -107,8 +121,10 @@ def test_training_moves_only_lora_weights(make_tiny: Callable[[], LoadedPolicy])
 def _policy_info(spec: str) -> dict[str, object]:
     result = subprocess.run(
         [sys.executable, "-m", "zk0.shared.cli", "policy", "info", "--policy", spec, "--json"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     report: dict[str, object] = json.loads(result.stdout)
     return report
 
