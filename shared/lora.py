@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import torch
 
 EXPERT_LAYERS = r"model\.vlm_with_expert\.lm_expert\.layers\.\d+\.self_attn"
 Projection = Literal["q_proj", "k_proj", "v_proj", "o_proj"]

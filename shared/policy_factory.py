@@ -12,6 +12,9 @@ A spec is one of:
 Generated bases are written once as ordinary LeRobot checkpoints under the zk0 cache, named
 by the hash of their recipe, so that PEFT and LeRobot can load adapters built on them as they
 are, and every process on a machine shares the same base.
+
+torch is imported inside the functions that build models: the adapter store and the agent's
+subscriber use ``BaseRef`` from here and must stay light.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from loguru import logger
 
 from zk0.shared.backbone import SMOLVLM2_500M, TINY, BackboneRecipe, write_backbone
@@ -93,6 +95,8 @@ def cache_root() -> Path:
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -105,6 +109,8 @@ def checkpoint_id(folder: Path) -> str:
 
 
 def _recipe_digest(base: GeneratedBase, features: PolicyFeatures) -> str:
+    import torch
+
     payload = {
         "backbone": base.backbone.digest(),
         "overrides": {
@@ -145,6 +151,7 @@ def _ensure_backbone(recipe: BackboneRecipe) -> Path:
 
 def build_fresh_policy(spec: str, features: PolicyFeatures) -> Any:
     """An untrained policy of a generated architecture, in memory, seeded deterministically."""
+    import torch
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
     if spec not in GENERATED_BASES:

@@ -133,3 +133,16 @@ def test_prune_keeps_newest_and_current_and_clears_crash_leftovers(
     assert store.prune(keep=1) == [1]
     assert store.versions() == [0, 2]
     assert not list(store.versions_dir.glob(".*"))
+
+
+def test_store_imports_no_torch() -> None:
+    """Agents' subscribers use the store; many run per host, so it must stay small."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, zk0.shared.store\n"
+        "heavy = [m for m in ('torch', 'lerobot', 'transformers', 'peft') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
