@@ -1,0 +1,161 @@
+"""Local LoRA training and held-out evaluation on the agent's own LeRobot dataset.
+
+The round's learning-rate schedule restarts every round (cosine from ``lr`` to 0 over the
+round's ``local_steps``) because each round starts from a freshly merged global adapter.
+Evaluation is deterministic: a fixed split by episode, fixed frames, fixed flow-matching noise.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from loguru import logger
+
+from zk0.shared.features import ACTION_KEY, STATE_KEY
+from zk0.shared.normalization import FeatureStats, Stats
+
+#: Every fifth episode (4, 9, 14, ...) is held out for evaluation, and at least one.
+HOLDOUT_EVERY = 5
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int = 20
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 1e-10
+    grad_clip_norm: float = 10.0
+    seed: int = 0
+    #: FFA-LoRA: keep every lora_A frozen at its shared initialisation, train only lora_B.
+    freeze_lora_a: bool = False
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    steps: int
+    seconds: float
+    examples: int
+
+
+def split_episodes(num_episodes: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) episode indices; deterministic, by episode, never empty."""
+    if num_episodes < 2:
+        raise ValueError(
+            f"need at least 2 episodes to hold one out, the dataset has {num_episodes}"
+        )
+    held_out = [i for i in range(num_episodes) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+    held_out = held_out or [num_episodes - 1]
+    return [i for i in range(num_episodes) if i not in held_out], held_out
+
+
+def open_dataset(root: Path, policy_config: Any, episodes: list[int] | None = None) -> Any:
+    """The agent's LeRobot dataset, yielding action chunks as the policy predicts them."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    root = Path(root)
+    meta_fps = _dataset_fps(root)
+    horizon = [step / meta_fps for step in range(policy_config.chunk_size)]
+    return LeRobotDataset(
+        root.name, root=root, episodes=episodes, delta_timestamps={ACTION_KEY: horizon}
+    )
+
+
+def _dataset_fps(root: Path) -> int:
+    import json
+
+    return int(json.loads((root / "meta" / "info.json").read_text())["fps"])
+
+
+def dataset_stats(dataset: Any) -> Stats:
+    """Count, mean, variance, min and max of state and action, read from the parquet columns."""
+    columns = dataset.hf_dataset.with_format("numpy")
+    return {
+        key: FeatureStats.from_samples(np.stack(columns[key])) for key in (STATE_KEY, ACTION_KEY)
+    }
+
+
+def _batches(dataset: Any, batch_size: int, seed: int) -> Any:
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=len(dataset) > batch_size,
+            generator=generator,
+            num_workers=0,
+        )
+        yield from loader
+
+
+def train_lora(
+    peft_model: Any, preprocessor: Any, dataset: Any, config: TrainConfig
+) -> TrainResult:
+    """``config.local_steps`` optimizer steps of LoRA training; AMP (bf16) on a GPU."""
+    device = next(peft_model.parameters()).device
+    if config.freeze_lora_a:
+        for name, parameter in peft_model.named_parameters():
+            if ".lora_A." in name:
+                parameter.requires_grad_(False)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.local_steps))
+    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    peft_model.train()
+    start, losses, examples = time.perf_counter(), [], 0
+    batches = _batches(dataset, config.batch_size, config.seed)
+    for _ in range(config.local_steps):
+        batch = preprocessor(next(batches))
+        with autocast:
+            loss, _ = peft_model.forward(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        examples += len(batch[ACTION_KEY])
+    peft_model.eval()
+    seconds = time.perf_counter() - start
+    tail = losses[-max(1, len(losses) // 4) :]
+    logger.info(
+        "trained {} steps in {:.1f}s, loss {:.4f}", config.local_steps, seconds, np.mean(tail)
+    )
+    return TrainResult(float(np.mean(tail)), config.local_steps, seconds, examples)
+
+
+@torch.no_grad()
+def evaluate_mse(
+    model: Any, preprocessor: Any, dataset: Any, max_frames: int = 32, seed: int = 0
+) -> tuple[float, int]:
+    """Action MSE (normalized units) of predicted vs recorded chunks on ``dataset``'s frames.
+
+    Frames are evenly spaced over the dataset and the noise is fixed, so the same adapter
+    always gets the same number. Returns (mse, frames evaluated).
+    """
+    model.eval()
+    policy = model.base_model.model if hasattr(model, "base_model") else model
+    config = policy.config
+    indices = np.linspace(0, len(dataset) - 1, num=min(max_frames, len(dataset))).astype(int)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(indices), config.chunk_size, config.max_action_dim, generator=generator)
+    device = next(model.parameters()).device
+    squared, count = 0.0, 0
+    for row, index in enumerate(indices):
+        frame = dataset[int(index)]
+        batch = preprocessor({key: value for key, value in frame.items()})
+        predicted = model.predict_action_chunk(batch, noise=noise[row : row + 1].to(device))
+        target = batch[ACTION_KEY].reshape(predicted.shape)
+        valid = ~batch["action_is_pad"].reshape(1, -1, 1).expand_as(predicted)
+        squared += float(((predicted - target) ** 2)[valid].sum())
+        count += int(valid.sum())
+    return squared / max(count, 1), len(indices)
