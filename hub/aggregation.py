@@ -57,7 +57,8 @@ def validate_update(update: ClientUpdate, reference: Arrays) -> str | None:
 
 def _weights(updates: list[ClientUpdate]) -> NDArray[np.float64]:
     counts = np.array([u.num_examples for u in updates], dtype=np.float64)
-    return counts / counts.sum()
+    weights: NDArray[np.float64] = counts / counts.sum()
+    return weights
 
 
 def fedavg(updates: list[ClientUpdate]) -> Arrays:

@@ -25,6 +25,8 @@ OUTPUTS_ENV = "ZK0_OUTPUTS"
 #: Set by a parent process (the demo, the daemon) so its children log into the same run folder.
 RUN_DIR_ENV = "ZK0_RUN_DIR"
 BRIDGED_LOGGERS = ("flwr", "lerobot", "peft", "transformers", "datasets", "")
+#: Chatty per-request loggers (Flower's runtime pushes logs over HTTP several times a second).
+QUIETED_LOGGERS = ("httpx", "httpcore", "urllib3")
 
 
 class _InterceptHandler(logging.Handler):
@@ -85,4 +87,6 @@ def setup_logging(
         std = logging.getLogger(name_)
         std.handlers = [_InterceptHandler()]
         std.propagate = False
+    for name_ in QUIETED_LOGGERS:
+        logging.getLogger(name_).setLevel(logging.WARNING)
     return path

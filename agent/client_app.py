@@ -1,0 +1,147 @@
+"""The agent's Flower ClientApp: statistics, local LoRA training and evaluation.
+
+Every reply carries the agent id (``meta`` record) so the hub keys its history by arm, not by
+Flower's node id. Only adapter tensors leave the machine, plus counts and metrics; before the
+first round, the per-feature statistics the hub combines into the shared normalization.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from loguru import logger
+
+from zk0.agent.training import (
+    TrainConfig,
+    dataset_stats,
+    evaluate_mse,
+    open_dataset,
+    split_episodes,
+    train_lora,
+)
+from zk0.shared.config import load_robot_config
+from zk0.shared.features import PolicyFeatures
+from zk0.shared.federation import (
+    AGENT_ID,
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    EVAL_MSE,
+    EXAMPLES,
+    META_KEY,
+    METRICS_KEY,
+    NORMALIZATION,
+    STATS_KEY,
+    NodeSettings,
+    RunSettings,
+)
+from zk0.shared.lora import adapter_state, apply_lora, load_adapter_state
+from zk0.shared.normalization import dumps, loads, to_lerobot
+from zk0.shared.policy_factory import LoadedPolicy, build_policy, make_processors
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=2)
+def _base(spec: str, robot_config: str) -> LoadedPolicy:
+    """The frozen base, built once per process and copied for every round."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    features = PolicyFeatures.from_robot_config(load_robot_config(robot_config))  # type: ignore[arg-type]
+    return build_policy(spec, features)
+
+
+def _settings(context: Context) -> tuple[RunSettings, NodeSettings]:
+    run = RunSettings.from_run_config(dict(context.run_config))
+    return run, NodeSettings.from_node_config(dict(context.node_config), run)
+
+
+def _episodes(node: NodeSettings) -> tuple[list[int], list[int]]:
+    import json
+
+    info = json.loads((node.data_root / "meta" / "info.json").read_text())
+    return split_episodes(int(info["total_episodes"]))
+
+
+def _reply(message: Message, node: NodeSettings, **records: Any) -> Message:
+    content = RecordDict({META_KEY: ConfigRecord({AGENT_ID: node.agent_id}), **records})
+    return Message(content=content, reply_to=message)
+
+
+def _model(run: RunSettings, message: Message) -> tuple[Any, Any]:
+    """Base copy + the global adapter from ``message``; preprocessor on the shared stats."""
+    base = _base(run.policy, str(run.robot_config_path))
+    peft_model = apply_lora(copy.deepcopy(base.policy), run.lora, base.base.name_or_path)
+    state = message.content.array_records[ARRAYS_KEY].to_torch_state_dict()
+    load_adapter_state(
+        peft_model, {name: tensor.to(base.policy.config.device) for name, tensor in state.items()}
+    )
+    stats = loads(bytes(message.content[CONFIG_KEY][NORMALIZATION]))  # type: ignore[arg-type]
+    preprocessor, _ = make_processors(peft_model.base_model.model.config, to_lerobot(stats))
+    return peft_model, preprocessor
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    """Per-feature count, mean, variance, min and max of this agent's training episodes."""
+    run, node = _settings(context)
+    base = _base(run.policy, str(run.robot_config_path))
+    train_episodes, _ = _episodes(node)
+    stats = dataset_stats(open_dataset(node.data_root, base.policy.config, train_episodes))
+    logger.info("{}: statistics of {} frames", node.agent_id, stats["action"].count)
+    return _reply(message, node, **{STATS_KEY: ConfigRecord({NORMALIZATION: dumps(stats)})})
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    run, node = _settings(context)
+    peft_model, preprocessor = _model(run, message)
+    config = message.content[CONFIG_KEY]
+    server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+    train_episodes, _ = _episodes(node)
+    dataset = open_dataset(node.data_root, peft_model.base_model.model.config, train_episodes)
+    result = train_lora(
+        peft_model,
+        preprocessor,
+        dataset,
+        TrainConfig(
+            local_steps=run.local_steps,
+            batch_size=run.batch_size,
+            lr=run.lr,
+            seed=run.seed * 100_003 + server_round,
+            freeze_lora_a=run.aggregation == "ffa",
+        ),
+    )
+    arrays = ArrayRecord(adapter_state(peft_model))
+    metrics = MetricRecord(
+        {
+            EXAMPLES: len(dataset),
+            "train-loss": result.loss,
+            "train-steps": result.steps,
+            "train-seconds": result.seconds,
+            "bytes-sent": arrays.count_bytes(),
+        }
+    )
+    logger.info("{}: round {} trained, loss {:.4f}", node.agent_id, server_round, result.loss)
+    return _reply(message, node, **{ARRAYS_KEY: arrays, METRICS_KEY: metrics})
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    run, node = _settings(context)
+    start = time.perf_counter()
+    peft_model, preprocessor = _model(run, message)
+    _, held_out = _episodes(node)
+    dataset = open_dataset(node.data_root, peft_model.base_model.model.config, held_out)
+    mse, frames = evaluate_mse(
+        peft_model, preprocessor, dataset, max_frames=run.eval_frames, seed=run.seed
+    )
+    logger.info("{}: eval MSE {:.5f} on {} held-out frames", node.agent_id, mse, frames)
+    metrics = MetricRecord(
+        {EXAMPLES: frames, EVAL_MSE: mse, "eval-seconds": time.perf_counter() - start}
+    )
+    return _reply(message, node, **{METRICS_KEY: metrics})

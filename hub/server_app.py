@@ -1,0 +1,221 @@
+"""The hub's Flower ServerApp: shared statistics, round-0 evaluation, LoRA rounds, versions.
+
+1. Wait for ``min-nodes`` SuperNodes.
+2. Start from the adapter store's current version (a restarted hub continues where it stopped);
+   on an empty store, gather every node's statistics, combine them exactly, and store version 0:
+   a fresh adapter carrying the shared normalization.
+3. Federated evaluation of the starting adapter (round 0), then ``num-server-rounds`` rounds of
+   LoRAFedAvg, each ending in a new stored version with its metrics.
+4. ``eval_mse_history.json``, ``eval_mse_chart.png`` and a summary table in the run folder.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid, ServerApp
+from loguru import logger
+
+from zk0.hub.aggregation import Arrays
+from zk0.hub.history import EvalHistory
+from zk0.hub.strategy import LoRAFedAvg, agent_of, to_numpy, to_record
+from zk0.shared.artifact import TENSORS_FILE, ArtifactError, save_adapter
+from zk0.shared.config import load_robot_config
+from zk0.shared.features import PolicyFeatures
+from zk0.shared.federation import CONFIG_KEY, EVAL_MSE, NORMALIZATION, STATS_KEY, RunSettings
+from zk0.shared.logs import new_run_dir, setup_logging
+from zk0.shared.lora import adapter_state, apply_lora, load_adapter_state
+from zk0.shared.normalization import NORMALIZATION_FILE, Stats, combine_all, dumps, loads
+from zk0.shared.policy_factory import build_policy
+from zk0.shared.store import AdapterStore
+
+app = ServerApp()
+
+
+class Publisher:
+    """Turns aggregated arrays into verified store versions (the hub's half of the artifact)."""
+
+    def __init__(self, settings: RunSettings, store: AdapterStore) -> None:
+        features = PolicyFeatures.from_robot_config(load_robot_config(settings.robot_config_path))
+        loaded = build_policy(settings.policy, features, device="cpu")
+        self.base = loaded.base
+        self.lora = settings.lora
+        self.peft_model = apply_lora(loaded.policy, self.lora, loaded.base.name_or_path)
+        self.store = store
+
+    def publish(
+        self,
+        arrays: Arrays,
+        stats: Stats,
+        parent: int | None,
+        round_: int | None,
+        metrics: dict[str, Any],
+    ) -> int:
+        import torch
+
+        load_adapter_state(
+            self.peft_model, {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+        )
+        with self.store.allocate() as (version, path):
+            save_adapter(
+                self.peft_model,
+                path,
+                version=version,
+                parent_version=parent,
+                base=self.base,
+                lora=self.lora,
+                round_=round_,
+                metrics=metrics,
+                extra_files={NORMALIZATION_FILE: dumps(stats)},
+            )
+        manifest = self.store.set_current(version)
+        logger.info(
+            "published version {} ({}…), round {}", version, manifest.artifact_id[:12], round_
+        )
+        return version
+
+    def starting_point(self) -> tuple[int, int, Arrays, Stats] | None:
+        """(version, round, arrays, stats) of the store's current version, if any."""
+        from safetensors.numpy import load_file
+
+        current = self.store.load_current()
+        if current is None:
+            return None
+        pointer, manifest = current
+        if manifest.base.id != self.base.base_id or manifest.lora != self.lora:
+            raise ArtifactError(
+                f"{self.store.root}: current version {pointer.version} was built on "
+                f"{manifest.base.id} with {manifest.lora}, not on this run's base and LoRA"
+            )
+        folder = self.store.path(pointer.version)
+        if NORMALIZATION_FILE not in manifest.files:
+            raise ArtifactError(f"{folder}: carries no shared normalization statistics")
+        stats = loads((folder / NORMALIZATION_FILE).read_bytes())
+        return pointer.version, manifest.round or 0, load_file(folder / TENSORS_FILE), stats
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while len(nodes := list(grid.get_node_ids())) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"only {len(nodes)} of {count} SuperNodes connected in {timeout_s:.0f}s"
+            )
+        time.sleep(1.0)
+    return nodes
+
+
+def gather_stats(grid: Grid, nodes: list[int], timeout_s: float) -> Stats:
+    """Ask every node for its feature statistics (never samples) and combine them exactly."""
+    messages = [
+        Message(
+            RecordDict({CONFIG_KEY: ConfigRecord({"request": "stats"})}), node, MessageType.QUERY
+        )
+        for node in nodes
+    ]
+    per_client: list[Stats] = []
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+        agent = agent_of(reply)
+        try:
+            if reply.has_error():
+                raise ValueError(reply.error.reason)
+            per_client.append(loads(bytes(reply.content[STATS_KEY][NORMALIZATION])))  # type: ignore[arg-type]
+        except (KeyError, ValueError) as error:
+            logger.warning("statistics from {} dropped: {}", agent, error)
+    combined = combine_all(per_client)
+    logger.info(
+        "shared normalization from {} agents, {} frames", len(per_client), combined["action"].count
+    )
+    return combined
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    run_dir = Path(settings.run_dir) if settings.run_dir else new_run_dir()
+    setup_logging(run_dir, "hub")
+    store = AdapterStore(
+        Path(settings.store_root) if settings.store_root else run_dir / "hub" / "adapters"
+    )
+    publisher = Publisher(settings, store)
+    nodes = wait_for_nodes(grid, settings.min_nodes, settings.round_timeout_s)
+    start = publisher.starting_point()
+    if start is None:
+        stats = gather_stats(grid, nodes, settings.round_timeout_s)
+        fresh = {k: v.numpy() for k, v in adapter_state(publisher.peft_model).items()}
+        version = publisher.publish(fresh, stats, parent=None, round_=0, metrics={})
+        start = (version, 0, fresh, stats)
+    version, first_round, arrays, stats = start
+    logger.info(
+        "starting from version {} (round {}), {} rounds",
+        version,
+        first_round,
+        settings.num_server_rounds,
+    )
+
+    strategy = LoRAFedAvg(
+        aggregation=settings.aggregation,
+        fraction_train=settings.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=settings.min_nodes,
+        min_evaluate_nodes=settings.min_nodes,
+        min_available_nodes=settings.min_nodes,
+    )
+    config = ConfigRecord({NORMALIZATION: dumps(stats)})
+    history = EvalHistory(settings.aggregation)
+    state = {"version": version}
+
+    def end_of_round(server_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:  # Flower calls this before round 1: evaluate the starting adapter
+            replies = grid.send_and_receive(
+                strategy.configure_evaluate(0, round_arrays, config, grid),
+                timeout=settings.round_timeout_s,
+            )
+            strategy.aggregate_evaluate(0, replies)
+        report = strategy.report(server_round)
+        history.add_round(server_round, report.eval_mse, report.eval_examples)
+        average = history.average[-1]
+        if server_round > 0 and report.trained:
+            metrics: dict[str, Any] = {
+                "eval_mse": average,
+                "clients_trained": len(report.trained),
+                "clients_dropped": len(report.dropped),
+                "bytes_sent": report.bytes_sent,
+                "bytes_received": report.bytes_received,
+            }
+            state["version"] = publisher.publish(
+                to_numpy(round_arrays),
+                stats,
+                parent=state["version"],
+                round_=first_round + server_round,
+                metrics=metrics,
+            )
+        history.write(run_dir)
+        return MetricRecord({EVAL_MSE: average}) if average is not None else None
+
+    strategy.start(
+        grid,
+        to_record(arrays),
+        num_rounds=settings.num_server_rounds,
+        timeout=settings.round_timeout_s,
+        train_config=config,
+        evaluate_config=config,
+        evaluate_fn=end_of_round,
+    )
+    history_path, chart_path = history.write(run_dir)
+    for line in history.summary_lines():
+        logger.info(line)
+    logger.info(
+        "history {}, chart {}, newest version {}", history_path, chart_path, state["version"]
+    )

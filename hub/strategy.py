@@ -1,0 +1,156 @@
+"""LoRAFedAvg: Flower's FedAvg, aggregating LoRA adapter tensors only, reply by reply.
+
+Flower's FedAvg refuses a whole round when one reply is inconsistent; on a fleet of arms one
+misbehaving node must not cost everyone the round. Here every reply is validated on its own
+(names, shapes, dtypes, finite values, example count; for FFA-LoRA an unchanged A) and a bad
+reply is dropped with a log line naming the agent, while the rest are aggregated by the pure
+functions of ``zk0.hub.aggregation``. The strategy also keeps what the hub reports per round:
+bytes sent and received, dropped agents, and each agent's evaluation MSE keyed by agent id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from loguru import logger
+
+from zk0.hub.aggregation import (
+    Arrays,
+    ClientUpdate,
+    Mode,
+    aggregate,
+    ffa_violation,
+    validate_update,
+)
+from zk0.shared.federation import AGENT_ID, ARRAYS_KEY, EVAL_MSE, META_KEY, METRICS_KEY
+
+
+def to_numpy(record: ArrayRecord) -> Arrays:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def to_record(arrays: Arrays) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+
+
+def agent_of(message: Message) -> str:
+    meta = message.content.config_records.get(META_KEY) if not message.has_error() else None
+    if meta is not None and isinstance(meta.get(AGENT_ID), str):
+        return str(meta[AGENT_ID])
+    return f"node-{message.metadata.src_node_id}"
+
+
+@dataclass
+class RoundReport:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    trained: list[str] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)
+    eval_mse: dict[str, float] = field(default_factory=dict)
+    eval_examples: dict[str, int] = field(default_factory=dict)
+
+
+class LoRAFedAvg(FedAvg):
+    """FedAvg over adapter tensors, weighted by examples, tolerant of bad replies.
+
+    ``aggregation`` picks the maths (``fedavg``, ``svd``, ``ffa``; see ``zk0.hub.aggregation``).
+    """
+
+    def __init__(self, *, aggregation: Mode = "fedavg", **fedavg_options: object) -> None:
+        super().__init__(**fedavg_options)  # type: ignore[arg-type]
+        self.aggregation = aggregation
+        self.reports: dict[int, RoundReport] = {}
+        self._reference: dict[int, Arrays] = {}
+
+    def report(self, server_round: int) -> RoundReport:
+        return self.reports.setdefault(server_round, RoundReport())
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._reference[server_round] = to_numpy(arrays)
+        self.report(server_round).bytes_sent += arrays.count_bytes() * len(messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        reference = self._reference.pop(server_round)
+        report = self.report(server_round)
+        accepted: list[RecordDict] = []
+        updates: list[ClientUpdate] = []
+        for message in replies:
+            agent = agent_of(message)
+            reason, update = self._check_train_reply(message, agent, reference)
+            if update is not None:
+                report.bytes_received += message.content[ARRAYS_KEY].count_bytes()
+            if reason is not None or update is None:
+                report.dropped[agent] = reason or "no update"
+                logger.warning("round {}: dropped reply from {}: {}", server_round, agent, reason)
+                continue
+            accepted.append(message.content)
+            updates.append(update)
+            report.trained.append(agent)
+        if not updates:
+            logger.error(
+                "round {}: no valid replies; the global adapter stays as it was", server_round
+            )
+            return None, None
+        merged = aggregate(self.aggregation, updates, reference)
+        logger.info(
+            "round {}: aggregated {} replies ({}), dropped {}",
+            server_round,
+            len(updates),
+            self.aggregation,
+            sorted(report.dropped) or "none",
+        )
+        return to_record(merged), aggregate_metricrecords(accepted, self.weighted_by_key)
+
+    def _check_train_reply(
+        self, message: Message, agent: str, reference: Arrays
+    ) -> tuple[str | None, ClientUpdate | None]:
+        if message.has_error():
+            return f"error reply: {message.error.reason}", None
+        content = message.content
+        if ARRAYS_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
+            return "reply lacks adapter arrays or metrics", None
+        examples = content[METRICS_KEY].get(self.weighted_by_key)
+        if not isinstance(examples, int):
+            return f"'{self.weighted_by_key}' missing or not an integer", None
+        update = ClientUpdate(agent, to_numpy(content.array_records[ARRAYS_KEY]), examples)
+        reason = validate_update(update, reference)
+        if reason is None and self.aggregation == "ffa":
+            reason = ffa_violation(update, reference)
+        return reason, update
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        report = self.report(server_round)
+        accepted: list[RecordDict] = []
+        for message in replies:
+            agent = agent_of(message)
+            metrics = (
+                None if message.has_error() else message.content.metric_records.get(METRICS_KEY)
+            )
+            mse = metrics.get(EVAL_MSE) if metrics is not None else None
+            examples = metrics.get(self.weighted_by_key) if metrics is not None else None
+            if not isinstance(mse, float) or not np.isfinite(mse) or not isinstance(examples, int):
+                reason = message.error.reason if message.has_error() else "no finite eval-mse"
+                logger.warning(
+                    "round {}: evaluation from {} dropped: {}", server_round, agent, reason
+                )
+                continue
+            report.eval_mse[agent] = mse
+            report.eval_examples[agent] = examples
+            accepted.append(message.content)
+        if not accepted:
+            return None
+        return aggregate_metricrecords(accepted, self.weighted_by_key)
