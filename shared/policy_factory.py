@@ -101,11 +101,27 @@ def default_device() -> str:
 
 
 def checkpoint_id(folder: Path) -> str:
-    """Content id of a local checkpoint: sha256 over its config and weights."""
+    """Content id of a local checkpoint: sha256 over its weights and config.
+
+    A generated backbone lives at a machine-specific path, so the config's ``vlm_model_name``
+    counts by the content of that folder, not its path: the hub and every agent compute the
+    same id for the same base.
+    """
+    config = json.loads((folder / "config.json").read_text())
+    backbone = Path(str(config.get("vlm_model_name", "")))
+    if backbone.is_absolute() and backbone.is_dir():
+        config["vlm_model_name"] = f"backbone-sha256:{_folder_digest(backbone)}"
     digest = hashlib.sha256()
-    for name in CHECKPOINT_FILES:
-        digest.update(name.encode() + b"\0" + sha256_file(folder / name).encode() + b"\n")
+    digest.update(json.dumps(config, sort_keys=True).encode() + b"\n")
+    digest.update(sha256_file(folder / "model.safetensors").encode())
     return f"sha256:{digest.hexdigest()}"
+
+
+def _folder_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder)}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def _recipe_digest(base: GeneratedBase, features: PolicyFeatures) -> str:

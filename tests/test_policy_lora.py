@@ -144,3 +144,14 @@ def test_policy_info_full_size_matches_published_lora_size() -> None:
     assert report["adapter_bytes_fp32"] == 5_160_960
     assert report["trainable_outside_lora"] == 0
     assert 440e6 < report["total_params"] < 460e6  # type: ignore[operator]
+
+
+def test_base_id_does_not_depend_on_where_the_base_lives(
+    sim_features: PolicyFeatures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hub and agents generate the tiny base in their own caches and must agree on its id."""
+    here = resolve_base("tiny", sim_features)
+    monkeypatch.setenv("ZK0_CACHE", str(tmp_path / "another-machine"))
+    there = resolve_base("tiny", sim_features)
+    assert there.name_or_path != here.name_or_path
+    assert there.base_id == here.base_id
