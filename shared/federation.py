@@ -30,6 +30,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROBOT_CONFIG = REPO_ROOT / "robot_configs" / "sim_so101.yaml"
 
 
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def flower_config_arg(values: dict[str, Any]) -> str:
+    """Flower's ``--run-config``/``--node-config`` syntax: ``key=value`` pairs, TOML values."""
+    return " ".join(f"{key}={_toml_value(value)}" for key, value in values.items())
+
+
 class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
