@@ -51,7 +51,7 @@ def wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], timeou
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(
-                f"{process.args[0]} exited with {process.returncode} before listening"
+                f"pid {process.pid} exited with {process.returncode} before listening"
             )
         try:
             with socket.create_connection((host, port), timeout=0.5):
