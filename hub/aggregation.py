@@ -86,31 +86,45 @@ def lora_pairs(names: list[str]) -> list[tuple[str, str]]:
 
 
 def svd_of_products(updates: list[ClientUpdate]) -> Arrays:
-    """Weighted mean of B_i·A_i per module, truncated back to rank r by SVD."""
+    """Weighted mean of B_i·A_i per module, truncated back to rank r."""
     weights = _weights(updates)
     names = list(updates[0].arrays)
+    pairs = lora_pairs(names)
+    if {name for pair in pairs for name in pair} != set(names):
+        raise ValueError("svd aggregation expects only lora_A/lora_B tensors")
     result: Arrays = {}
-    for a_name, b_name in lora_pairs(names):
+    for a_name, b_name in pairs:
         rank = updates[0].arrays[a_name].shape[0]
-        # ΔW = Σ w_i B_i A_i = [w_1 B_1 … w_n B_n] · [A_1; …; A_n]: one matmul, no n big products.
-        stacked_b = np.concatenate(
-            [w * u.arrays[b_name] for w, u in zip(weights, updates, strict=True)], axis=1
-        )
+        # ΔW = Σ w_i B_i A_i = [w_1 B_1 … w_n B_n] · [A_1; …; A_n]: one matmul, not n of them.
+        scaled_b = [w * u.arrays[b_name] for w, u in zip(weights, updates, strict=True)]
+        stacked_b = np.concatenate(scaled_b, axis=1).astype(np.float32)
         stacked_a = np.concatenate([u.arrays[a_name] for u in updates], axis=0)
-        delta = stacked_b.astype(np.float32) @ stacked_a.astype(np.float32)
-        u_mat, singular, vt = np.linalg.svd(delta, full_matrices=False)
-        root = np.sqrt(singular[:rank])
-        result[b_name] = (u_mat[:, :rank] * root).astype(np.float32)
-        result[a_name] = (root[:, None] * vt[:rank]).astype(np.float32)
-    untouched = set(names) - set(result)
-    if untouched:
-        result |= fedavg(
-            [
-                ClientUpdate(u.client, {n: u.arrays[n] for n in untouched}, u.num_examples)
-                for u in updates
-            ]
-        )
+        delta = (stacked_b @ stacked_a).astype(np.float64)
+        result[b_name], result[a_name] = _rank_r_factors(delta, rank)
     return result
+
+
+def _rank_r_factors(
+    delta: NDArray[np.float64], rank: int
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """(B, A) with B·A the best rank-r approximation of ``delta`` (B = U√S, A = √S·Vᵀ).
+
+    Through the eigendecomposition of the smaller Gram matrix: the factors of a truncated SVD,
+    an order of magnitude faster than LAPACK's SVD here on 720x720 expert projections.
+    """
+    tall = delta.shape[0] > delta.shape[1]
+    gram = delta.T @ delta if tall else delta @ delta.T
+    eigenvalues, eigenvectors = np.linalg.eigh(gram)
+    order = np.argsort(eigenvalues)[::-1][:rank]
+    root = np.sqrt(np.sqrt(np.clip(eigenvalues[order], 0.0, None)))  # sqrt(sigma)
+    vectors = eigenvectors[:, order]
+    # The other side's singular vectors are delta·v/sigma (or uᵀ·delta/sigma); zero sigma adds 0.
+    inverse_root = np.divide(1.0, root, out=np.zeros_like(root), where=root > 1e-12)
+    if tall:
+        b, a = (delta @ vectors) * inverse_root, root[:, None] * vectors.T
+    else:
+        b, a = vectors * root, inverse_root[:, None] * (vectors.T @ delta)
+    return b.astype(np.float32), a.astype(np.float32)
 
 
 def ffa(updates: list[ClientUpdate], reference: Arrays) -> Arrays:
