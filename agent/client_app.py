@@ -23,7 +23,7 @@ from zk0.agent.training import (
     evaluate_mse,
     open_dataset,
     split_episodes,
-    train_lora,
+    train_policy,
 )
 from zk0.shared.config import load_robot_config
 from zk0.shared.features import PolicyFeatures
@@ -37,6 +37,7 @@ from zk0.shared.federation import (
     METRICS_KEY,
     NORMALIZATION,
     STATS_KEY,
+    TRAIN_SECONDS,
     NodeSettings,
     RunSettings,
 )
@@ -104,7 +105,7 @@ def train(message: Message, context: Context) -> Message:
     server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
     train_episodes, _ = _episodes(node)
     dataset = open_dataset(node.data_root, peft_model.base_model.model.config, train_episodes)
-    result = train_lora(
+    result = train_policy(
         peft_model,
         preprocessor,
         dataset,
@@ -122,7 +123,7 @@ def train(message: Message, context: Context) -> Message:
             EXAMPLES: len(dataset),
             "train-loss": result.loss,
             "train-steps": result.steps,
-            "train-seconds": result.seconds,
+            TRAIN_SECONDS: result.seconds,
             "bytes-sent": arrays.count_bytes(),
         }
     )

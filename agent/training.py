@@ -95,28 +95,27 @@ def _batches(dataset: Any, batch_size: int, seed: int) -> Any:
         yield from loader
 
 
-def train_lora(
-    peft_model: Any, preprocessor: Any, dataset: Any, config: TrainConfig
-) -> TrainResult:
-    """``config.local_steps`` optimizer steps of LoRA training; AMP (bf16) on a GPU."""
-    device = next(peft_model.parameters()).device
+def train_policy(model: Any, preprocessor: Any, dataset: Any, config: TrainConfig) -> TrainResult:
+    """``config.local_steps`` optimizer steps on whatever ``model`` leaves trainable (LoRA
+    adapters, or the whole expert when pretraining a base); AMP (bf16) on a GPU."""
+    device = next(model.parameters()).device
     if config.freeze_lora_a:
-        for name, parameter in peft_model.named_parameters():
+        for name, parameter in model.named_parameters():
             if ".lora_A." in name:
                 parameter.requires_grad_(False)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.local_steps))
     )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    peft_model.train()
+    model.train()
     start, losses, examples = time.perf_counter(), [], 0
     batches = _batches(dataset, config.batch_size, config.seed)
     for _ in range(config.local_steps):
         batch = preprocessor(next(batches))
         with autocast:
-            loss, _ = peft_model.forward(batch)
+            loss, _ = model.forward(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
         optimizer.step()
@@ -124,7 +123,7 @@ def train_lora(
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         examples += len(batch[ACTION_KEY])
-    peft_model.eval()
+    model.eval()
     seconds = time.perf_counter() - start
     tail = losses[-max(1, len(losses) // 4) :]
     logger.info(

@@ -193,6 +193,8 @@ def main(grid: Grid, context: Context) -> None:
                 "clients_dropped": len(report.dropped),
                 "bytes_sent": report.bytes_sent,
                 "bytes_received": report.bytes_received,
+                "train_wall_s": report.train_wall_s,
+                "slowest_client_train_s": report.slowest_train_s,
             }
             state["version"] = publisher.publish(
                 to_numpy(round_arrays),

@@ -10,6 +10,7 @@ bytes sent and received, dropped agents, and each agent's evaluation MSE keyed b
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -28,7 +29,14 @@ from zk0.hub.aggregation import (
     ffa_violation,
     validate_update,
 )
-from zk0.shared.federation import AGENT_ID, ARRAYS_KEY, EVAL_MSE, META_KEY, METRICS_KEY
+from zk0.shared.federation import (
+    AGENT_ID,
+    ARRAYS_KEY,
+    EVAL_MSE,
+    META_KEY,
+    METRICS_KEY,
+    TRAIN_SECONDS,
+)
 
 
 def to_numpy(record: ArrayRecord) -> Arrays:
@@ -50,6 +58,10 @@ def agent_of(message: Message) -> str:
 class RoundReport:
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: From sending the training messages to having all replies (Flower's part included).
+    train_wall_s: float = 0.0
+    #: The slowest accepted client's own training time: the rest of train_wall_s is overhead.
+    slowest_train_s: float = 0.0
     trained: list[str] = field(default_factory=list)
     dropped: dict[str, str] = field(default_factory=dict)
     eval_mse: dict[str, float] = field(default_factory=dict)
@@ -67,6 +79,7 @@ class LoRAFedAvg(FedAvg):
         self.aggregation = aggregation
         self.reports: dict[int, RoundReport] = {}
         self._reference: dict[int, Arrays] = {}
+        self._train_started: dict[int, float] = {}
 
     def report(self, server_round: int) -> RoundReport:
         return self.reports.setdefault(server_round, RoundReport())
@@ -76,6 +89,7 @@ class LoRAFedAvg(FedAvg):
     ) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._reference[server_round] = to_numpy(arrays)
+        self._train_started[server_round] = time.perf_counter()
         self.report(server_round).bytes_sent += arrays.count_bytes() * len(messages)
         return messages
 
@@ -84,6 +98,7 @@ class LoRAFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         reference = self._reference.pop(server_round)
         report = self.report(server_round)
+        report.train_wall_s = time.perf_counter() - self._train_started.pop(server_round)
         accepted: list[RecordDict] = []
         updates: list[ClientUpdate] = []
         for message in replies:
@@ -98,6 +113,9 @@ class LoRAFedAvg(FedAvg):
             accepted.append(message.content)
             updates.append(update)
             report.trained.append(agent)
+            seconds = message.content[METRICS_KEY].get(TRAIN_SECONDS)
+            if isinstance(seconds, float):
+                report.slowest_train_s = max(report.slowest_train_s, seconds)
         if not updates:
             logger.error(
                 "round {}: no valid replies; the global adapter stays as it was", server_round

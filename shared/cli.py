@@ -267,3 +267,16 @@ def demo(
     typer.echo(f"run folder   {run_dir}")
     typer.echo(f"hub store    {hub_store.root} (current v{version})")
     typer.echo(f"agent store  {agent_store.root} (current v{version})")
+
+
+base_app = typer.Typer(help="Pretrained bases shipped with zk0.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
+
+
+@base_app.command("build")
+def base_build() -> None:
+    """Rebuild ``tiny-sim-base``: record the base task, pretrain the tiny SmolVLA, check it."""
+    # The one place the umbrella CLI reaches into the agent package (it records and trains).
+    builder = importlib.import_module("zk0.agent.base_builder")
+    report = builder.build()
+    typer.echo(json.dumps(report, indent=2))

@@ -24,6 +24,7 @@ STATS_KEY = "stats"  # ConfigRecord in a query reply: normalization (JSON bytes)
 AGENT_ID = "agent-id"
 EXAMPLES = "num-examples"
 EVAL_MSE = "eval-mse"
+TRAIN_SECONDS = "train-seconds"
 NORMALIZATION = "normalization"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

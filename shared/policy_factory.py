@@ -3,6 +3,8 @@
 A spec is one of:
 
 * ``tiny``: a tiny SmolVLA on a generated SmolVLM backbone (tests, demos, CPU);
+* ``tiny-sim-base``: the tiny SmolVLA pretrained on the simulated base task (committed here,
+  built by ``zk0 base build``);
 * ``smolvla-arch``: the full-size architecture (SmolVLM2-500M dimensions), random weights,
   to measure real-size cost without the Hugging Face Hub;
 * a local folder holding a SmolVLA checkpoint (``config.json`` + ``model.safetensors``);
@@ -23,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,11 @@ from zk0.shared.features import PolicyFeatures
 from zk0.shared.fsutil import file_lock, publish_dir, sha256_file, staging_dir_for
 
 CACHE_ENV = "ZK0_CACHE"
+#: Bases shipped in the package (pretrained here, small): ``tiny-sim-base``.
+COMMITTED_BASES = Path(__file__).resolve().parent / "bases"
+#: A committed base's config names its generated backbone as ``zk0-backbone:<name>``, since
+#: the backbone folder's path differs from machine to machine.
+BACKBONE_SCHEME = "zk0-backbone:"
 DEFAULT_POLICY = "lerobot/smolvla_base"
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 
@@ -193,8 +201,33 @@ def _materialize(base: GeneratedBase, features: PolicyFeatures) -> Path:
     return folder
 
 
+def policy_backbone_name(architecture: str) -> str:
+    return GENERATED_BASES[architecture].backbone.name
+
+
+def _materialize_committed(name: str) -> Path:
+    """Copy a committed base into the cache, pointing its config at the local backbone."""
+    source = COMMITTED_BASES / name
+    config = json.loads((source / "config.json").read_text())
+    backbone_name = str(config["vlm_model_name"]).removeprefix(BACKBONE_SCHEME)
+    recipe = next(g.backbone for g in GENERATED_BASES.values() if g.backbone.name == backbone_name)
+    config["vlm_model_name"] = str(_ensure_backbone(recipe))
+    weights = sha256_file(source / "model.safetensors")
+    folder = cache_root() / "bases" / f"{name}-{weights[:16]}"
+    with file_lock(folder.with_name(folder.name + ".lock")):
+        if not all((folder / n).exists() for n in CHECKPOINT_FILES):
+            staging = staging_dir_for(folder)
+            shutil.copyfile(source / "model.safetensors", staging / "model.safetensors")
+            (staging / "config.json").write_text(json.dumps(config, indent=4))
+            publish_dir(staging, folder)
+    return folder
+
+
 def resolve_base(spec: str, features: PolicyFeatures | None = None) -> BaseRef:
     """Find (or generate) the checkpoint folder ``spec`` names; no network for local specs."""
+    if (COMMITTED_BASES / spec / "model.safetensors").is_file():
+        folder = _materialize_committed(spec)
+        return BaseRef(spec=spec, name_or_path=str(folder), base_id=checkpoint_id(folder))
     if spec in GENERATED_BASES:
         if features is None:
             raise PolicySpecError(f"policy {spec!r} is generated and needs the robot's features")
