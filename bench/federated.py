@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,12 +22,28 @@ import numpy as np
 import torch
 import typer
 
+from zk0.agent.episode_cache import client_datasets
+from zk0.agent.supernode import SuperNode
+from zk0.agent.training import (
+    TrainConfig,
+    dataset_stats,
+    evaluate_mse,
+    open_dataset,
+    split_episodes,
+    train_policy,
+)
 from zk0.bench._common import write_result
 from zk0.hub.aggregation import MODES, ClientUpdate, aggregate
+from zk0.hub.superlink import SuperLink, SuperLinkSettings
 from zk0.shared.config import load_robot_config
 from zk0.shared.features import PolicyFeatures
+from zk0.shared.federation import flower_config_arg
+from zk0.shared.flower_keys import make_node_keypair, make_tls
 from zk0.shared.lora import LoraSpec, adapter_state, apply_lora
-from zk0.shared.policy_factory import build_fresh_policy
+from zk0.shared.normalization import combine_all, to_lerobot
+from zk0.shared.policy_factory import build_fresh_policy, build_policy, make_processors
+from zk0.shared.processes import flower_env, free_port
+from zk0.shared.store import AdapterStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -78,12 +97,168 @@ def aggregation_times(
     return times
 
 
+AGENTS = ["sim-00", "sim-01", "sim-02", "sim-03"]
+#: Same seeds, data and optimizer steps for every mode and baseline.
+LEARNING: dict[str, Any] = {
+    "policy": "tiny-sim-base",
+    "local-steps": 15,
+    "lr": 1e-3,
+    "eval-frames": 16,
+    "seed": 0,
+}
+
+
+def simulate(mode: str, rounds: int, datasets: dict[str, Path], work: Path) -> dict[str, Any]:
+    """One Flower simulation (4 non-IID clients); returns its eval history."""
+    sim_root, flwr_home, run_dir = work / "data", work / f"flwr-{mode}", work / f"run-{mode}"
+    sim_root.mkdir(parents=True, exist_ok=True)
+    for agent, root in datasets.items():
+        if not (sim_root / agent).exists():
+            (sim_root / agent).symlink_to(root)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        "[superlink]\ndefault = 'sim'\n[superlink.sim]\n"
+        f"options.num-supernodes = {len(datasets)}\noptions.backend.client-resources.num-cpus = 1\n"
+    )
+    config = {
+        **LEARNING,
+        "aggregation": mode,
+        "num-server-rounds": rounds,
+        "min-nodes": len(datasets),
+        "sim-data-root": str(sim_root),
+        "run-dir": str(run_dir),
+    }
+    flwr = str(Path(sys.executable).parent / "flwr")
+    completed = subprocess.run(
+        [flwr, "run", str(REPO_ROOT), "sim", "--stream", "--run-config", flower_config_arg(config)],
+        env=flower_env(flwr_home),
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"simulation ({mode}) failed: {completed.stderr[-500:]}")
+    history: dict[str, Any] = json.loads((run_dir / "eval_mse_history.json").read_text())
+    return history
+
+
+def baselines(rounds: int, datasets: dict[str, Path]) -> dict[str, Any]:
+    """LoRA on the union of the clients' data (upper bound) and on each alone (lower bound)."""
+    from zk0.shared.config import load_robot_config as load
+    from zk0.shared.lora import apply_lora as wrap
+
+    features = PolicyFeatures.from_robot_config(
+        load(REPO_ROOT / "robot_configs" / "sim_so101.yaml")
+    )
+    base = build_policy(str(LEARNING["policy"]), features, device="cpu")
+    splits = {a: split_episodes(_episodes(root)) for a, root in datasets.items()}
+    train = {
+        a: open_dataset(root, base.policy.config, splits[a][0]) for a, root in datasets.items()
+    }
+    held = {a: open_dataset(root, base.policy.config, splits[a][1]) for a, root in datasets.items()}
+    stats = to_lerobot(combine_all([dataset_stats(d) for d in train.values()]))
+    preprocessor, _ = make_processors(base.policy.config, stats)
+    steps = int(LEARNING["local-steps"])
+
+    def fresh() -> Any:
+        import copy
+
+        return wrap(copy.deepcopy(base.policy), LoraSpec())
+
+    def evaluate(model: Any, agents: list[str]) -> dict[str, float]:
+        return {a: evaluate_mse(model, preprocessor, held[a], max_frames=16)[0] for a in agents}
+
+    union = fresh()
+    for round_ in range(rounds):  # same LR restarts as the federation, clients' total steps
+        train_policy(
+            union,
+            preprocessor,
+            torch.utils.data.ConcatDataset(list(train.values())),
+            TrainConfig(local_steps=steps * len(train), lr=float(LEARNING["lr"]), seed=round_),
+        )
+    central = evaluate(union, list(datasets))
+    alone: dict[str, float] = {}
+    for agent in datasets:
+        model = fresh()
+        for round_ in range(rounds):
+            train_policy(
+                model,
+                preprocessor,
+                train[agent],
+                TrainConfig(local_steps=steps, lr=float(LEARNING["lr"]), seed=round_),
+            )
+        alone |= evaluate(model, [agent])
+    return {"centralized": central, "local_only": alone}
+
+
+def _episodes(root: Path) -> int:
+    return int(json.loads((root / "meta" / "info.json").read_text())["total_episodes"])
+
+
+def flower_overhead(datasets: dict[str, Path], work: Path, rounds: int = 2) -> dict[str, float]:
+    """Round wall time minus the slowest client's training, in a TLS + node-auth deployment."""
+    tls = make_tls(work / "tls", ["127.0.0.1"])
+    link = SuperLink(
+        SuperLinkSettings("127.0.0.1", free_port(), work / "state.db", tls),
+        work / "flwr-deploy",
+        work / "logs",
+    )
+    nodes = []
+    try:
+        link.start()
+        for agent in ("sim-00", "sim-01"):
+            link.register(make_node_keypair(work / "keys" / agent), agent)
+            node = SuperNode(
+                agent_id=agent,
+                superlink=link.address,
+                root_certificates=tls.ca_cert,
+                private_key=work / "keys" / agent,
+                data_root=datasets[agent],
+                port=free_port(),
+                flwr_home=work / "flwr-deploy",
+                log_dir=work / "logs" / agent,
+            )
+            node.start()
+            nodes.append(node)
+        store = work / "deploy-store"
+        result = link.run(
+            REPO_ROOT,
+            {
+                **LEARNING,
+                "num-server-rounds": rounds,
+                "min-nodes": 2,
+                "store-root": str(store),
+                "run-dir": str(work / "run-deploy"),
+            },
+            timeout_s=3600,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"deployment run failed: {result.stderr[-500:]}")
+    finally:
+        for node in nodes:
+            node.stop()
+        link.stop()
+    adapters = AdapterStore(store)
+    metrics = [adapters.manifest(v).metrics for v in adapters.versions()[1:]]
+    wall = sum(float(m["train_wall_s"] or 0) for m in metrics)
+    slowest = sum(float(m["slowest_client_train_s"] or 0) for m in metrics)
+    return {
+        "round_wall_s": wall / len(metrics),
+        "slowest_client_train_s": slowest / len(metrics),
+        "flower_overhead_fraction": (wall - slowest) / wall,
+    }
+
+
 @app.command()
 def main(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
     clients: Annotated[
         str, typer.Option(help="Client counts for the aggregation timing.")
     ] = "10,100,1000",
+    quick: Annotated[bool, typer.Option(help="Only payload and aggregation time.")] = False,
+    rounds: Annotated[int, typer.Option(min=1)] = 3,
+    episodes: Annotated[int, typer.Option(min=2)] = 10,
     robot_config: Path = REPO_ROOT / "robot_configs" / "sim_so101.yaml",
     threads: int = 1,
 ) -> None:
@@ -99,9 +274,44 @@ def main(
         "aggregation_s": times,
         "aggregation_s_100_clients": times["fedavg"].get("100"),
     }
+    if not quick:
+        import tempfile
+
+        datasets = client_datasets(AGENTS, episodes, 6.0)
+        with tempfile.TemporaryDirectory(prefix="zk0-bench-fed-") as tmp:
+            work = Path(tmp)
+            histories = {mode: simulate(mode, rounds, datasets, work) for mode in MODES}
+            bounds = baselines(rounds, datasets)
+            overhead = flower_overhead(datasets, work)
+        result |= {
+            "eval_mse_by_round": {mode: h["average"] for mode, h in histories.items()},
+            "eval_mse_by_client": {mode: h["clients"] for mode, h in histories.items()},
+            "final_mse_by_mode": {mode: h["average"][-1] for mode, h in histories.items()},
+            "initial_mse": histories["fedavg"]["average"][0],
+            "final_mse_centralized": float(np.mean(list(bounds["centralized"].values()))),
+            "final_mse_local_only": float(np.mean(list(bounds["local_only"].values()))),
+            "baselines_by_client": bounds,
+            "flower_overhead_fraction": overhead["flower_overhead_fraction"],
+            "deployment_round": overhead,
+            "setup": {
+                "clients": AGENTS,
+                "episodes_per_client": episodes,
+                "rounds": rounds,
+                **LEARNING,
+            },
+        }
     summary = (
         f"federated: adapter {adapter_bytes / 1e6:.2f} MB vs policy {state_bytes / 1e9:.2f} GB "
         f"(x{state_bytes / adapter_bytes:.0f} smaller); aggregation of 100 full-size adapters "
         + ", ".join(f"{mode} {times[mode].get('100', float('nan')):.2f}s" for mode in MODES)
     )
+    if not quick:
+        summary += (
+            "; final eval MSE "
+            + ", ".join(f"{m} {v:.4f}" for m, v in result["final_mse_by_mode"].items())
+            + f" (start {result['initial_mse']:.4f}, "
+            f"centralized {result['final_mse_centralized']:.4f}, "
+            f"local-only {result['final_mse_local_only']:.4f}); Flower overhead "
+            f"{result['flower_overhead_fraction']:.0%} of a deployment round"
+        )
     write_result(json_path, result, summary)
