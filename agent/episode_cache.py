@@ -33,21 +33,32 @@ BASE_VARIANT: dict[str, Any] = {
     "cube_region": {"x": (0.15, 0.21), "y": ACROSS},
     "goal_region": {"x": (0.24, 0.30), "y": ACROSS},
 }
-#: Non-IID clients: each arm sees its own corner of the task (and its own lighting/camera).
+#: Non-IID clients. All of them share one shift from the base task (cubes go from the far half
+#: to the near half: the reverse of what the base learned), the way a fleet's arms share what
+#: sets them apart from pretraining data; each also has its own lateral placement and visuals.
+FAR, NEAR = (0.25, 0.30), (0.15, 0.20)
 CLIENT_VARIANTS: dict[str, dict[str, Any]] = {
-    "sim-00": {"seed": 0, "cube_region": {"y": LEFT}, "goal_region": {"y": RIGHT}},
-    "sim-01": {"seed": 1, "cube_region": {"y": RIGHT}, "goal_region": {"y": LEFT}},
+    "sim-00": {
+        "seed": 0,
+        "cube_region": {"x": FAR, "y": LEFT},
+        "goal_region": {"x": NEAR, "y": RIGHT},
+    },
+    "sim-01": {
+        "seed": 1,
+        "cube_region": {"x": FAR, "y": RIGHT},
+        "goal_region": {"x": NEAR, "y": LEFT},
+    },
     "sim-02": {
         "seed": 2,
         "light_jitter": 0.3,
-        "cube_region": {"x": (0.26, 0.30)},
-        "goal_region": {"x": (0.15, 0.19)},
+        "cube_region": {"x": FAR, "y": ACROSS},
+        "goal_region": {"x": NEAR, "y": ACROSS},
     },
     "sim-03": {
         "seed": 3,
         "camera_jitter_m": 0.02,
-        "cube_region": {"x": (0.15, 0.20), "y": LEFT},
-        "goal_region": {"x": (0.25, 0.30), "y": LEFT},
+        "cube_region": {"x": FAR, "y": LEFT},
+        "goal_region": {"x": NEAR, "y": LEFT},
     },
 }
 

@@ -1,0 +1,188 @@
+"""Federated LoRA end to end: Flower simulation and a real TLS deployment on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from zk0.agent.episode_cache import client_datasets
+from zk0.agent.supernode import SuperNode
+from zk0.hub.superlink import SuperLink, SuperLinkSettings
+from zk0.shared.artifact import verify_artifact
+from zk0.shared.federation import flower_config_arg
+from zk0.shared.flower_keys import make_node_keypair, make_tls
+from zk0.shared.processes import flower_env, free_port
+from zk0.shared.store import AdapterStore
+
+REPO = Path(__file__).resolve().parents[1]
+EPISODES, EPISODE_S = 6, 6.0
+#: Small but real: LoRA learns each arm's variant within two rounds of 15 steps.
+FAST_RUN = {"policy": "tiny-sim-base", "local-steps": 15, "lr": 1e-3, "eval-frames": 16}
+
+
+@pytest.fixture(scope="session")
+def datasets() -> dict[str, Path]:
+    return client_datasets(["sim-00", "sim-01", "sim-02", "sim-03"], EPISODES, EPISODE_S)
+
+
+def _history(run_dir: Path) -> dict[str, object]:
+    history: dict[str, object] = json.loads((run_dir / "eval_mse_history.json").read_text())
+    assert (run_dir / "eval_mse_chart.png").stat().st_size > 10_000
+    return history
+
+
+def _assert_every_client_improved(history: dict[str, object], agents: list[str]) -> None:
+    clients = history["clients"]
+    assert isinstance(clients, dict) and sorted(clients) == sorted(agents)
+    for agent, series in clients.items():
+        assert series[-1] < series[0], f"{agent}: eval MSE {series[0]:.4f} -> {series[-1]:.4f}"
+
+
+def test_simulation_with_four_clients(datasets: dict[str, Path], tmp_path: Path) -> None:
+    sim_root = tmp_path / "sim-data"
+    sim_root.mkdir()
+    for agent, root in datasets.items():
+        (sim_root / agent).symlink_to(root)
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    (flwr_home / "config.toml").write_text(
+        "[superlink]\ndefault = 'sim'\n\n[superlink.sim]\noptions.num-supernodes = 4\n"
+        "options.backend.client-resources.num-cpus = 1\n"
+    )
+    run_dir = tmp_path / "run"
+    run_config = {
+        **FAST_RUN,
+        "num-server-rounds": 2,
+        "min-nodes": 4,
+        "sim-data-root": str(sim_root),
+        "run-dir": str(run_dir),
+        "aggregation": "fedavg",
+    }
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "flwr"),
+            "run",
+            str(REPO),
+            "sim",
+            "--stream",
+            "--run-config",
+            flower_config_arg(run_config),
+        ],
+        env=flower_env(flwr_home),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    history = _history(run_dir)
+    assert history["rounds"] == [0, 1, 2] and history["aggregation"] == "fedavg"
+    _assert_every_client_improved(history, list(datasets))
+    store = AdapterStore(run_dir / "hub" / "adapters")
+    assert store.versions() == [0, 1, 2]
+    assert store.manifest(2).metrics["clients_trained"] == 4
+
+
+def _poison(source: Path, target: Path) -> Path:
+    """A copy of a dataset whose recorded actions are NaN (a broken arm's sensor log)."""
+    shutil.copytree(source, target)
+    for path in target.glob("data/*/*.parquet"):
+        table = pq.read_table(path)
+        field = table.schema.field("action")
+        nan_rows = pa.array([[float("nan")] * 6] * len(table), type=field.type)
+        pq.write_table(
+            table.set_column(table.schema.get_field_index("action"), field, nan_rows), path
+        )
+    return target
+
+
+def test_deployment_with_tls_auth_a_nan_client_and_a_hub_restart(
+    datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    agents = {
+        "sim-00": datasets["sim-00"],
+        "sim-01": datasets["sim-01"],
+        "broken-02": _poison(datasets["sim-02"], tmp_path / "broken-02"),
+    }
+    tls = make_tls(tmp_path / "tls", ["127.0.0.1"])
+    settings = SuperLinkSettings("127.0.0.1", free_port(), tmp_path / "superlink.db", tls)
+    flwr_home = tmp_path / "flwr-home"
+    link = SuperLink(settings, flwr_home, tmp_path / "logs")
+    store_root = tmp_path / "hub-store"
+    nodes: list[SuperNode] = []
+    try:
+        link.start()
+        for agent, root in agents.items():
+            link.register(make_node_keypair(tmp_path / "keys" / agent), agent)
+            node = SuperNode(
+                agent_id=agent,
+                superlink=link.address,
+                root_certificates=tls.ca_cert,
+                private_key=tmp_path / "keys" / agent,
+                data_root=root,
+                port=free_port(),
+                flwr_home=flwr_home,
+                log_dir=tmp_path / "logs" / agent,
+            )
+            node.start()
+            nodes.append(node)
+        first = link.run(
+            REPO,
+            {
+                **FAST_RUN,
+                "num-server-rounds": 1,
+                "min-nodes": 3,
+                "store-root": str(store_root),
+                "run-dir": str(tmp_path / "run1"),
+                "round-timeout-s": 300.0,
+            },
+            timeout_s=900,
+        )
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        hub_log = (tmp_path / "run1" / "hub" / "hub.log").read_text()
+        assert "dropped reply from broken-02" in hub_log and "non-finite" in hub_log
+        history = _history(tmp_path / "run1")
+        assert sorted(history["clients"]) == ["sim-00", "sim-01"]  # type: ignore[arg-type]
+        store = AdapterStore(store_root)
+        assert store.versions() == [0, 1]
+        assert store.manifest(1).metrics["clients_dropped"] == 1
+
+        # Kill the hub's SuperLink outright and bring it back on the same database.
+        assert link.process.process is not None
+        os.kill(link.process.process.pid, signal.SIGKILL)
+        link.process.process.wait()
+        link = SuperLink(settings, flwr_home, tmp_path / "logs-restarted")
+        link.start()
+        second = link.run(
+            REPO,
+            {
+                **FAST_RUN,
+                "num-server-rounds": 1,
+                "min-nodes": 3,
+                "store-root": str(store_root),
+                "run-dir": str(tmp_path / "run2"),
+                "round-timeout-s": 300.0,
+            },
+            timeout_s=900,
+        )
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        assert store.versions() == [0, 1, 2]
+        continued = store.manifest(2)
+        assert continued.parent_version == 1 and continued.round == 2
+        assert verify_artifact(store.path(2)).base.spec == "tiny-sim-base"
+        history2 = _history(tmp_path / "run2")
+        round0 = history2["clients"]["sim-00"][0]  # type: ignore[index]
+        assert round0 == pytest.approx(history["clients"]["sim-00"][-1], rel=1e-6)  # type: ignore[index]
+    finally:
+        for node in nodes:
+            node.stop()
+        link.stop()
