@@ -8,12 +8,14 @@ from typing import Annotated
 import typer
 
 from zk0.shared.cli import run_cli
-from zk0.shared.config import load_agent_config
+from zk0.shared.config import AgentConfig, load_agent_config
 from zk0.shared.features import PolicyFeatures
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 config_app = typer.Typer(help="Agent configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+keys_app = typer.Typer(help="This agent's CURVE key pair for the hub.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 
 @config_app.command("check")
@@ -34,6 +36,219 @@ def config_check(config: Annotated[Path, typer.Option("--config", help="agent.ya
     )
     typer.echo(f"data root     {agent.data_root}")
     typer.echo(f"hub           {agent.hub.host} (flower {agent.hub.flower_port})")
+
+
+def _key_paths(agent: AgentConfig) -> tuple[Path, Path]:
+    if agent.keys is not None:
+        return agent.keys.curve_secret, agent.keys.curve_public
+    folder = agent.data_root / "keys"
+    return folder / f"{agent.agent_id}.key_secret", folder / f"{agent.agent_id}.key"
+
+
+@keys_app.command("init")
+def keys_init(config: Annotated[Path, typer.Option("--config", help="agent.yaml")]) -> None:
+    """Make this agent's CURVE key pair (secret 0600) for the hub's allow-list."""
+    from zk0.shared.distribution.keys import create_keypair, key_id
+
+    agent = load_agent_config(config)
+    secret, public = _key_paths(agent)
+    pair = create_keypair(secret, public, agent.agent_id)
+    typer.echo(f"agent {agent.agent_id} key {key_id(pair.public)}: secret {secret} (0600)")
+    typer.echo(f"on the hub: zk0-hub keys add {agent.agent_id} {public.name} --config hub.yaml")
+    if agent.keys is None:
+        typer.echo(
+            f"then add to {config}:\nkeys:\n  curve_secret: {secret}\n  curve_public: {public}\n"
+            "  hub_curve_public: <the hub's public .key file>"
+        )
+
+
+@keys_app.command("show")
+def keys_show(config: Annotated[Path, typer.Option("--config", help="agent.yaml")]) -> None:
+    """Print this agent's public key and key id (after checking the secret file is private)."""
+    from zk0.shared.distribution.keys import key_id, load_keypair
+
+    agent = load_agent_config(config)
+    secret, public = _key_paths(agent)
+    pair = load_keypair(secret)
+    typer.echo(f"agent {agent.agent_id} key {key_id(pair.public)} public {pair.public.decode()}")
+    typer.echo(f"public key file {public}")
+
+
+@app.command("record")
+def record(
+    robot_config: Annotated[
+        Path, typer.Option("--robot-config", help="Robot YAML (e.g. robot_configs/sim_so101.yaml).")
+    ],
+    episodes: Annotated[int, typer.Option("--episodes", min=1, help="Episodes to add.")] = 1,
+    task: Annotated[
+        str | None, typer.Option("--task", help="Task text (default: the robot config's).")
+    ] = None,
+    root: Annotated[
+        Path | None,
+        typer.Option("--root", help="Dataset folder (default: DATA_ROOT/datasets/<robot id>)."),
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Add to an existing dataset.")] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="agent.yaml: data root and agent id.")
+    ] = None,
+    progress: Annotated[
+        bool | None, typer.Option("--progress/--no-progress", help="Default: on a terminal.")
+    ] = None,
+) -> None:
+    """Record teleoperated episodes into a LeRobot v3.0 dataset (crash-safe, resumable).
+
+    DATA_ROOT is the agent config's data_root, else $ZK0_DATA_ROOT, else outputs/data.
+    """
+    import os
+    import sys
+
+    from zk0.shared.config import ConfigError, load_robot_config
+    from zk0.shared.logs import new_run_dir, setup_logging
+
+    agent = load_agent_config(config) if config is not None else None
+    robot = load_robot_config(robot_config)
+    data_root = agent.data_root if agent else Path(os.environ.get("ZK0_DATA_ROOT", "outputs/data"))
+    dataset_root = root if root is not None else data_root / "datasets" / robot.robot.id
+    run_dir = new_run_dir()
+    if agent is not None:
+        log = setup_logging(run_dir, "agent", agent.agent_id, level="WARNING")
+    else:
+        log = setup_logging(run_dir, "record", level="WARNING")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_CACHE", str(run_dir / "hf-datasets"))
+    from zk0.agent.recording import record_episodes
+
+    typer.echo(f"recording {episodes} episodes of {robot.robot.type} into {dataset_root}")
+    typer.echo(f"log {log}")
+    try:
+        result = record_episodes(
+            robot,
+            dataset_root,
+            episodes,
+            task=task,
+            resume=resume,
+            progress=sys.stderr.isatty() if progress is None else progress,
+            on_episode=lambda summary: typer.echo(summary.describe()),
+        )
+    except ConfigError as error:  # a backend's options: name the file too
+        raise ConfigError(f"{robot_config}: {error}") from None
+    rate = result.success_rate
+    typer.echo(
+        f"dataset {result.root}: {result.total_episodes} episodes ({len(result.saved)} new"
+        + (f", success {rate:.0%}" if rate is not None else "")
+        + (f"; stopped by {result.stopped_by}" if result.stopped_by else "")
+        + ")"
+    )
+    typer.echo(f'load it with LeRobotDataset("{result.repo_id}", root="{result.root}")')
+    if result.stopped_by == "SIGINT":
+        raise typer.Exit(130)
+
+
+@app.command("recover")
+def recover(
+    root: Annotated[Path, typer.Argument(help="Dataset folder.")],
+) -> None:
+    """Roll back an episode a crash cut short, so plain LeRobot loads the dataset.
+
+    ``zk0-agent record`` does this itself before recording; this is for reading right after a
+    crash.
+    """
+    from zk0.agent.recording.journal import recover_dataset
+
+    report = recover_dataset(root)
+    typer.echo(f"{root}: {report.describe()}")
+
+
+@app.command("eval")
+def evaluate_policy(
+    robot_config: Annotated[
+        Path, typer.Option("--robot-config", help="Robot YAML (e.g. robot_configs/sim_so101.yaml).")
+    ],
+    policy: Annotated[str, typer.Option("--policy", help="Policy spec (e.g. tiny-sim-base).")],
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", help="Adapter artifact folder to run.")
+    ] = None,
+    stats: Annotated[
+        Path | None,
+        typer.Option("--stats", help="normalization.json (default: the adapter's)."),
+    ] = None,
+    episodes: Annotated[int, typer.Option("--episodes", min=1)] = 1,
+    mode: Annotated[str, typer.Option("--mode", help="async or sync.")] = "async",
+    backend: Annotated[str, typer.Option("--backend", help="torch or onnx.")] = "torch",
+    aggregate: Annotated[
+        str, typer.Option(help="weighted_average, latest_only, average or conservative.")
+    ] = "weighted_average",
+    threshold: Annotated[
+        float, typer.Option(help="Next chunk when the queue holds <= this x chunk actions.")
+    ] = 0.5,
+    horizon_s: Annotated[
+        float | None, typer.Option(help="Actions per episode / fps (default episode_time_s).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Flow-matching noise seed.")] = 0,
+    threads: Annotated[int, typer.Option(min=1, help="torch/onnxruntime threads.")] = 1,
+    onnx_wait: Annotated[
+        bool,
+        typer.Option(
+            "--onnx-wait/--no-onnx-wait",
+            help="Export (once per base) before the first episode, or serve torch meanwhile.",
+        ),
+    ] = True,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Queue-depth plot (PNG).")] = None,
+) -> None:
+    """Closed-loop episodes on the arm (simulated: paced in real time), with metrics.
+
+    Reports success rate, mean episode time, chunk latency p50/p95, the fraction of ticks on
+    which the arm had no action (starved) and the queue depth over time.
+    """
+    import json
+    import os
+
+    import torch
+
+    from zk0.agent.inference.engine import EngineConfig
+    from zk0.agent.inference.evaluation import evaluate, load_stats, open_session, plot_queue_depth
+    from zk0.shared.config import load_robot_config
+    from zk0.shared.logs import new_run_dir, setup_logging
+
+    if mode not in ("async", "sync") or backend not in ("torch", "onnx"):
+        raise ValueError(f"--mode async|sync and --backend torch|onnx, got {mode!r}, {backend!r}")
+    robot = load_robot_config(robot_config)
+    engine_config = EngineConfig(
+        mode=mode,  # type: ignore[arg-type]
+        aggregate=aggregate,  # type: ignore[arg-type]
+        threshold=threshold,
+        seed=seed,
+    )
+    run_dir = new_run_dir()
+    log = setup_logging(run_dir, "eval", level="WARNING")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(threads)
+    typer.echo(f"log {log}")
+    with open_session(
+        robot,
+        policy,
+        adapter=adapter,
+        stats=load_stats(stats) if stats is not None else None,
+        engine_config=engine_config,
+        backend=backend,  # type: ignore[arg-type]
+        wait_for_onnx=onnx_wait,
+        threads=threads,
+    ) as session:
+        report = evaluate(session, episodes, horizon_s)
+    summary = report.summary()
+    if plot is not None:
+        summary["plot"] = str(plot_queue_depth(report, plot))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(summary, indent=1) + "\n")
+    for episode in summary["per_episode"]:
+        typer.echo(
+            f"episode {episode['index']}: success {episode['success']}, "
+            f"{episode['duration_s']:.2f} s, {episode['chunks']} chunks, "
+            f"{episode['starved_ticks']} starved ticks"
+        )
+    typer.echo(report.describe())
 
 
 def main() -> None:

@@ -158,6 +158,42 @@ def save_adapter(
     return manifest
 
 
+def reversion_artifact(
+    source: Path, out_dir: Path, *, version: int, parent_version: int | None
+) -> Manifest:
+    """Copy the verified artifact ``source`` to ``out_dir`` under a new version number.
+
+    Files, tensors, base, LoRA config, round and metrics stay as they are; the manifest gets the
+    new ``version`` and ``parent_version`` and a new ``created_at``, so the copy has its own
+    artifact id. A hub promotes or rolls back this way: version numbers only grow.
+    """
+    source, out_dir = Path(source), Path(out_dir)
+    original = verify_artifact(source)
+    if out_dir.exists():
+        raise ArtifactError(f"{out_dir}: already exists; artifacts are never overwritten")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_dir_for(out_dir)
+    try:
+        for name in original.files:
+            shutil.copyfile(source / name, staging / name)
+        manifest = Manifest.model_validate(
+            {
+                **original.model_dump(mode="json"),
+                "version": version,
+                "parent_version": parent_version,
+                "created_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            }
+        )
+        (staging / MANIFEST).write_bytes(manifest.canonical_bytes())
+        (staging / ID_FILE).write_text(manifest.artifact_id + "\n")
+        verify_artifact(staging, manifest.artifact_id)  # the copy is whole before it appears
+        publish_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
 def read_manifest(folder: Path) -> Manifest:
     """Parse ``manifest.json`` (no file checks); one-line error if absent or malformed."""
     path = Path(folder) / MANIFEST

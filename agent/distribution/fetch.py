@@ -1,0 +1,209 @@
+"""One adapter download: manifest first, then chunks under credit-based flow control.
+
+The download lives in ``<store>/incoming/v<version>-<id>.partial/`` until every byte is there;
+only then are ``manifest.json`` and its id file written, and the folder is verified as the
+store copies it in (artifact id, every file's sha256 and size, tensor shapes; the base id and
+the engine's tensors are checked against the manifest). Files the store already holds (same
+sha256 and size, e.g. after a rollback) are copied locally instead of fetched. A crash at any
+point leaves a partial folder that the next start deletes: never a version, never ``current``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from zk0.shared.artifact import (
+    ID_FILE,
+    MANIFEST,
+    ArtifactError,
+    Manifest,
+    TensorEntry,
+    read_manifest,
+)
+from zk0.shared.distribution import protocol as p
+from zk0.shared.store import AdapterStore
+
+INCOMING = "incoming"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A version the hub offers: what an announce or a ``Latest`` reply names."""
+
+    version: int
+    artifact_id: str
+    size: int | None
+    base_id: str | None
+
+
+class Download:
+    def __init__(self, target: Target, store: AdapterStore, chunk_bytes: int, credit: int) -> None:
+        self.target, self.store = target, store
+        self.chunk_bytes, self.credit = chunk_bytes, credit
+        self.partial = (
+            store.root / INCOMING / f"v{target.version}-{target.artifact_id[:16]}.partial"
+        )
+        self.manifest: Manifest | None = None
+        self._manifest_bytes = b""
+        self._pending: deque[tuple[str, int, int]] = deque()
+        self._outstanding: dict[tuple[str, int], tuple[int, float]] = {}
+        self._fds: dict[str, int] = {}
+        self.manifest_sent_at = 0.0
+        self.last_progress = time.monotonic()
+        self.fetched_bytes = 0
+        self.local_bytes = 0
+        self.retries = 0
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def manifest_request(self) -> p.GetManifest:
+        self.manifest_sent_at = time.monotonic()
+        return p.GetManifest(self.target.version, self.target.artifact_id)
+
+    def next_requests(self) -> list[p.GetChunk]:
+        """New chunk requests, as many as the credit allows (one credit per chunk in flight)."""
+        requests = []
+        now = time.monotonic()
+        while self._pending and len(self._outstanding) < self.credit:
+            name, offset, length = self._pending.popleft()
+            self._outstanding[(name, offset)] = (length, now)
+            requests.append(self._request(name, offset, length))
+        return requests
+
+    def outstanding_requests(self) -> list[p.Message]:
+        """Everything in flight again (after a reconnect or a timeout)."""
+        now = time.monotonic()
+        self.last_progress = now
+        if self.manifest is None:
+            return [self.manifest_request()]
+        for key, (length, _) in self._outstanding.items():
+            self._outstanding[key] = (length, now)
+        return [self._request(name, off, n) for (name, off), (n, _) in self._outstanding.items()]
+
+    def _request(self, name: str, offset: int, length: int) -> p.GetChunk:
+        return p.GetChunk(self.target.version, self.target.artifact_id, name, offset, length)
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest is not None and not self._pending and not self._outstanding
+
+    # -- replies -----------------------------------------------------------------------------
+
+    def on_manifest(self, reply: p.ManifestReply, expected_base_id: str | None) -> None:
+        """Check the manifest against the announced id, size and base; plan the chunks."""
+        if self.manifest is not None or reply.artifact_id != self.target.artifact_id:
+            return
+        if hashlib.sha256(reply.manifest).hexdigest() != self.target.artifact_id:
+            raise ArtifactError(
+                f"v{self.target.version}: manifest does not hash to the artifact id"
+            )
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir(parents=True)
+        (self.partial / MANIFEST).write_bytes(reply.manifest)
+        manifest = read_manifest(self.partial)  # schema and canonical form
+        (self.partial / MANIFEST).unlink()  # written back last, once every byte is here
+        if manifest.version != self.target.version:
+            raise ArtifactError(
+                f"manifest says version {manifest.version}, announced {self.target.version}"
+            )
+        if expected_base_id is not None and manifest.base.id != expected_base_id:
+            raise ArtifactError(
+                f"v{manifest.version} is built on base {manifest.base.id}, "
+                f"this agent runs {expected_base_id}"
+            )
+        total = len(reply.manifest) + sum(f.size for f in manifest.files.values())
+        if self.target.size is not None and total != self.target.size:
+            raise ArtifactError(
+                f"v{manifest.version}: {total} bytes, the hub announced {self.target.size}"
+            )
+        for name in manifest.files:
+            if name in (MANIFEST, ID_FILE) or not p.FILE_NAME.match(name):
+                raise ArtifactError(f"v{manifest.version}: refusing file name {name!r}")
+        self.manifest, self._manifest_bytes = manifest, reply.manifest
+        local = self._local_copies(manifest)
+        for name, entry in sorted(manifest.files.items()):
+            if name in local:
+                shutil.copyfile(local[name], self.partial / name)
+                self.local_bytes += entry.size
+                continue
+            self._fds[name] = os.open(
+                self.partial / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644
+            )
+            for offset in range(0, entry.size, self.chunk_bytes):
+                self._pending.append((name, offset, min(self.chunk_bytes, entry.size - offset)))
+        self.last_progress = time.monotonic()
+
+    def _local_copies(self, manifest: Manifest) -> dict[str, Path]:
+        """Files of ``manifest`` that a stored version already has (same sha256 and size)."""
+        have: dict[tuple[str, int], Path] = {}
+        for version in self.store.versions():
+            try:
+                stored = self.store.manifest(version)
+            except ArtifactError:
+                continue
+            for name, entry in stored.files.items():
+                have.setdefault((entry.sha256, entry.size), self.store.path(version) / name)
+        return {
+            name: have[(entry.sha256, entry.size)]
+            for name, entry in manifest.files.items()
+            if (entry.sha256, entry.size) in have
+        }
+
+    def on_chunk(self, reply: p.ChunkReply, data: bytes) -> bool:
+        """Write a chunk we asked for; False (ignored) for stray, duplicate or wrong-sized ones."""
+        if reply.artifact_id != self.target.artifact_id or reply.version != self.target.version:
+            return False
+        key = (reply.file, reply.offset)
+        expected = self._outstanding.get(key)
+        if expected is None or expected[0] != len(data):
+            return False
+        del self._outstanding[key]
+        os.pwrite(self._fds[reply.file], data, reply.offset)
+        self.fetched_bytes += len(data)
+        self.last_progress = time.monotonic()
+        self.retries = 0
+        return True
+
+    def stalled(self, timeout_s: float) -> bool:
+        return time.monotonic() - self.last_progress > timeout_s
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def finalize(
+        self, expected_base_id: str | None, expected_tensors: dict[str, TensorEntry] | None
+    ) -> Manifest:
+        """Write the manifest and id next to the files and check base and tensors against what
+        this agent runs; every hash, size and the safetensors header are verified by
+        ``AdapterStore.install`` (which copies the folder in, fsynced) before anything is used."""
+        assert self.manifest is not None and self.complete
+        self._close_files()
+        (self.partial / MANIFEST).write_bytes(self._manifest_bytes)
+        (self.partial / ID_FILE).write_text(self.manifest.artifact_id + "\n")
+        manifest = self.manifest
+        if expected_base_id is not None and manifest.base.id != expected_base_id:
+            raise ArtifactError(
+                f"v{manifest.version} is for base {manifest.base.id}, not {expected_base_id}"
+            )
+        if expected_tensors is not None and manifest.tensors != expected_tensors:
+            raise ArtifactError(f"v{manifest.version}: adapter tensors do not fit this model")
+        return manifest
+
+    def _close_files(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def discard(self) -> None:
+        self._close_files()
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def clear_incoming(store: AdapterStore) -> None:
+    """Delete what a crash left in ``incoming/`` (never a version: versions appear atomically)."""
+    shutil.rmtree(store.root / INCOMING, ignore_errors=True)

@@ -1,0 +1,272 @@
+"""Which versions an agent takes, and how: verify before switching, never go backwards.
+
+``Updater`` holds no sockets; the subscriber feeds it what the hub says and gives it a ``send``
+function. It owns the agent's adapter store, the download in progress and the hand-over to the
+inference engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from loguru import logger
+
+from zk0.agent.distribution.fetch import Download, Target, clear_incoming
+from zk0.shared.artifact import ArtifactError, Manifest, TensorEntry, verify_artifact
+from zk0.shared.distribution import protocol as p
+from zk0.shared.store import AdapterStore
+
+#: Called with (version, artifact folder, manifest) for every version that became current.
+OnNewVersion = Callable[[int, Path, Manifest], None]
+
+
+@dataclass(frozen=True)
+class SubscriberOptions:
+    chunk_bytes: int = p.DEFAULT_CHUNK_BYTES
+    credit: int = 8  # chunk requests in flight per download
+    request_timeout_s: float = 3.0  # no reply for this long: ask again
+    max_retries: int = 3  # then give the download up until the next announce
+    keep_versions: int = 8
+    refused_retry_s: float = 30.0  # an artifact that failed verification is not refetched sooner
+    reconnect_ivl_ms: int = 100
+    reconnect_ivl_max_ms: int = 2000
+    #: Test hooks only: sleep after each chunk and between the install steps, so that fault
+    #: tests can land a SIGKILL inside a transfer or a store write.
+    throttle_s: float = 0.0
+    stage_delay_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class SubscriberStatus:
+    agent_id: str
+    applied: int | None = None  # verified, stored and current in the store
+    in_use: int | None = None  # handed to the inference engine, which took it
+    state: str = "idle"  # what the agent does (the daemon sets it)
+    sync: str = "starting"  # starting, up_to_date, fetching, hub_silent, denied, ...
+    episodes: int = 0
+    error: str | None = None
+    hub_id: str | None = None
+    bytes_rx: int = 0  # application bytes received and sent (all frames), for the bench
+    bytes_tx: int = 0
+    versions_applied: int = 0
+
+
+class StatusBox:
+    """The subscriber's status, shared between its thread and the agent's (thread-safe)."""
+
+    def __init__(self, agent_id: str) -> None:
+        self._lock = threading.Lock()
+        self._status = SubscriberStatus(agent_id)
+
+    def get(self) -> SubscriberStatus:
+        with self._lock:
+            return self._status
+
+    def update(self, **changes: object) -> None:
+        with self._lock:
+            self._status = replace(self._status, **changes)  # type: ignore[arg-type]
+
+    def count(self, rx: int = 0, tx: int = 0, applied: int = 0) -> None:
+        with self._lock:
+            s = self._status
+            self._status = replace(
+                s,
+                bytes_rx=s.bytes_rx + rx,
+                bytes_tx=s.bytes_tx + tx,
+                versions_applied=s.versions_applied + applied,
+            )
+
+
+class Updater:
+    def __init__(
+        self,
+        store: AdapterStore,
+        options: SubscriberOptions,
+        status: StatusBox,
+        send: Callable[[p.Message], bool],
+        send_status: Callable[[], None],
+        on_new_version: OnNewVersion | None,
+        expected_base_id: str | None,
+        expected_tensors: dict[str, TensorEntry] | None,
+    ) -> None:
+        self.store, self.options, self.status = store, options, status
+        self.send, self.send_status = send, send_status
+        self.on_new_version = on_new_version
+        self.expected_base_id, self.expected_tensors = expected_base_id, expected_tensors
+        self.download: Download | None = None
+        self.retry_after_s = 1.0  # the hub's heartbeat, once known
+        self._refused: dict[tuple[int, str], float] = {}
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Clear a crash's leftovers and hand the last verified version to the engine at once."""
+        clear_incoming(self.store)
+        self.store.prune(self.options.keep_versions)  # also deletes half-written versions
+        loaded: Manifest | None = None
+        try:
+            current = self.store.load_current()
+            loaded = current[1] if current else None
+        except (ArtifactError, OSError, ValueError) as error:
+            logger.error("current adapter does not verify ({}); looking for an older one", error)
+            for version in reversed(self.store.versions()):
+                with contextlib.suppress(ArtifactError, OSError):
+                    loaded = self.store.set_current(version)
+                    break
+        if loaded is None:
+            logger.info("no adapter yet: waiting for the hub")
+            return
+        self.expected_base_id = self.expected_base_id or loaded.base.id
+        self.status.update(applied=loaded.version)
+        logger.info(
+            "serving version {} ({}…) from the store", loaded.version, loaded.artifact_id[:12]
+        )
+        self._hand_over(loaded)
+
+    def _hand_over(self, manifest: Manifest) -> None:
+        if self.on_new_version is None:
+            return
+        try:
+            self.on_new_version(manifest.version, self.store.path(manifest.version), manifest)
+        except Exception as error:  # the engine refused it: keep reporting what it really runs
+            logger.exception("the inference engine did not take version {}", manifest.version)
+            self.status.update(error=f"engine refused v{manifest.version}: {error}"[:300])
+            return
+        self.status.update(in_use=manifest.version)
+
+    # -- what the hub says -------------------------------------------------------------------
+
+    def consider(self, offer: p.Announce) -> None:
+        """Fetch ``offer`` if it is newer than what we run and not already on its way."""
+        if offer.version is None or offer.artifact_id is None:
+            return
+        applied = self.status.get().applied
+        if applied is not None and offer.version <= applied:
+            return
+        current = self.download
+        if current is not None and current.target.version >= offer.version:
+            return
+        if self._refused.get((offer.version, offer.artifact_id), 0.0) > time.monotonic():
+            return
+        if self.expected_base_id and offer.base_id and offer.base_id != self.expected_base_id:
+            self._refused[(offer.version, offer.artifact_id)] = time.monotonic() + 3600
+            logger.error(
+                "v{} is for base {}, this agent runs {}: ignored",
+                offer.version,
+                offer.base_id,
+                self.expected_base_id,
+            )
+            return
+        if current is not None:
+            self.abandon(f"v{offer.version} supersedes it")
+        target = Target(offer.version, offer.artifact_id, offer.size, offer.base_id)
+        if self.store.path(target.version).is_dir():  # stored before a crash, never switched to
+            with contextlib.suppress(ArtifactError, OSError):
+                self._switch(verify_artifact(self.store.path(target.version), target.artifact_id))
+                return
+        logger.info(
+            "fetching version {} ({}…, {} bytes)",
+            target.version,
+            target.artifact_id[:12],
+            target.size,
+        )
+        self.download = Download(target, self.store, self.options.chunk_bytes, self.options.credit)
+        self.status.update(sync="fetching")
+        self.send(self.download.manifest_request())
+
+    def on_transfer(self, message: p.Message, data: bytes | None) -> None:
+        download = self.download
+        if download is None:
+            return
+        try:
+            if isinstance(message, p.ManifestReply):
+                download.on_manifest(message, self.expected_base_id)
+            elif isinstance(message, p.ChunkReply) and data is not None:
+                accepted = download.on_chunk(message, data)
+                if accepted and self.options.throttle_s:
+                    time.sleep(self.options.throttle_s)
+            for request in download.next_requests():
+                self.send(request)
+            if download.complete:
+                self._install(download)
+        except (ArtifactError, OSError) as error:
+            self._refuse(download, str(error))
+
+    def on_error(self, error: p.ErrorReply) -> None:
+        download = self.download
+        if download is not None and error.version in (None, download.target.version):
+            self.abandon(f"hub answered {error.code}", retry_after_s=self.retry_after_s)
+
+    def on_reconnect(self) -> None:
+        if self.download is not None:
+            for request in self.download.outstanding_requests():
+                self.send(request)
+
+    def check_stall(self) -> None:
+        download = self.download
+        if download is None or not download.stalled(self.options.request_timeout_s):
+            return
+        download.retries += 1
+        if download.retries > self.options.max_retries:
+            self.abandon("the hub stopped answering", retry_after_s=self.retry_after_s)
+            return
+        for request in download.outstanding_requests():
+            self.send(request)
+
+    # -- install, switch, refuse -------------------------------------------------------------
+
+    def _install(self, download: Download) -> None:
+        delay = self.options.stage_delay_s
+        time.sleep(delay)
+        download.finalize(self.expected_base_id, self.expected_tensors)
+        time.sleep(delay)
+        manifest = self.store.install(download.partial, download.target.artifact_id)
+        download.discard()
+        self.download = None
+        time.sleep(delay)
+        logger.info(
+            "version {} verified: {:,} bytes fetched, {:,} reused from the store",
+            manifest.version,
+            download.fetched_bytes,
+            download.local_bytes,
+        )
+        self._switch(manifest)
+
+    def _switch(self, manifest: Manifest) -> None:
+        self.store.set_current(manifest.version)
+        self.expected_base_id = self.expected_base_id or manifest.base.id
+        self.status.update(applied=manifest.version, sync="up_to_date", error=None)
+        self.status.count(applied=1)
+        logger.info("version {} is current ({}…)", manifest.version, manifest.artifact_id[:12])
+        self._hand_over(manifest)
+        self.send_status()
+        self.store.prune(self.options.keep_versions)
+
+    def _refuse(self, download: Download, reason: str) -> None:
+        logger.error(
+            "refusing version {}: {}; keeping version {}",
+            download.target.version,
+            reason,
+            self.status.get().applied,
+        )
+        self.status.update(error=f"refused v{download.target.version}: {reason}"[:300])
+        self.abandon(reason, retry_after_s=self.options.refused_retry_s)
+        self.send_status()
+
+    def abandon(self, reason: str, retry_after_s: float = 0.0) -> None:
+        download = self.download
+        if download is None:
+            return
+        logger.info("dropping the download of version {}: {}", download.target.version, reason)
+        download.discard()
+        self.download = None
+        if retry_after_s:
+            key = (download.target.version, download.target.artifact_id)
+            self._refused[key] = time.monotonic() + retry_after_s
+        if self.status.get().sync == "fetching":
+            self.status.update(sync="up_to_date")

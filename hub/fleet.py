@@ -1,0 +1,142 @@
+"""The hub's view of its fleet: one record per agent, from the statuses agents send.
+
+The distribution server keeps the table in memory and writes it to ``<store root>/agents.json``
+(atomically) so that ``zk0-hub agents list`` and the round scheduler can read it from other
+processes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from zk0.shared.distribution.protocol import Status
+from zk0.shared.fsutil import atomic_write_bytes
+
+FLEET_FILE = "agents.json"
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    agent_id: str
+    key_id: str  # fingerprint of the CURVE key the agent authenticated with ("-" when plain)
+    last_seen: float  # unix time of its last valid message
+    applied: int | None = None
+    in_use: int | None = None
+    state: str = "unknown"
+    sync: str = "unknown"
+    episodes: int = 0
+    error: str | None = None
+    revoked: bool = False  # its key left the allow-list; the hub ignores it from then on
+
+    def online(self, now: float, heartbeat_s: float) -> bool:
+        return not self.revoked and now - self.last_seen <= 3 * heartbeat_s + 1.0
+
+
+class FleetTable:
+    """Thread-safe agent records, keyed by agent id."""
+
+    def __init__(self, path: Path | None, heartbeat_s: float) -> None:
+        self.path = path
+        self.heartbeat_s = heartbeat_s
+        self._lock = threading.Lock()
+        self._records: dict[str, AgentRecord] = {}
+        self._dirty = False
+        self._written_at = 0.0
+
+    def update(self, status: Status, key_id: str) -> tuple[AgentRecord | None, AgentRecord]:
+        """Record ``status``; returns (previous record, new record)."""
+        with self._lock:
+            previous = self._records.get(status.agent_id)
+            record = AgentRecord(
+                agent_id=status.agent_id,
+                key_id=key_id,
+                last_seen=time.time(),
+                applied=status.applied,
+                in_use=status.in_use,
+                state=status.state,
+                sync=status.sync,
+                episodes=status.episodes,
+                error=status.error,
+            )
+            self._records[status.agent_id] = record
+            self._dirty = self._dirty or previous is None or _changed(previous, record)
+        return previous, record
+
+    def seen(self, agent_id: str) -> None:
+        with self._lock:
+            record = self._records.get(agent_id)
+            if record is not None:
+                self._records[agent_id] = replace(record, last_seen=time.time(), revoked=False)
+
+    def mark_revoked(self, allowed: set[str]) -> list[str]:
+        """Flag every agent whose id is no longer allowed; returns the newly revoked ids."""
+        newly = []
+        with self._lock:
+            for agent_id, record in self._records.items():
+                if agent_id not in allowed and not record.revoked:
+                    self._records[agent_id] = replace(record, revoked=True)
+                    newly.append(agent_id)
+            self._dirty = self._dirty or bool(newly)
+        return newly
+
+    def records(self) -> list[AgentRecord]:
+        with self._lock:
+            return sorted(self._records.values(), key=lambda r: r.agent_id)
+
+    def summary(self, current: int | None) -> dict[str, Any]:
+        """Convergence at a glance, and what a round scheduler needs (episodes waiting)."""
+        now = time.time()
+        records = [r for r in self.records() if not r.revoked]
+        online = [r for r in records if r.online(now, self.heartbeat_s)]
+        return {
+            "current": current,
+            "agents": len(records),
+            "online": len(online),
+            "applied_current": sum(1 for r in records if r.applied == current),
+            "in_use_current": sum(1 for r in records if r.in_use == current),
+            "episodes_since_round": sum(r.episodes for r in online),
+        }
+
+    def save_if_due(self, hub: dict[str, Any], every_s: float = 5.0) -> None:
+        """Write the file when something changed, and at least every ``every_s`` while running."""
+        now = time.monotonic()
+        if self.path is None or (not self._dirty and now - self._written_at < every_s):
+            return
+        self.save(hub)
+
+    def save(self, hub: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with self._lock:
+            agents = [asdict(r) for r in sorted(self._records.values(), key=lambda r: r.agent_id)]
+            self._dirty = False
+        self._written_at = time.monotonic()
+        payload = {
+            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "heartbeat_s": self.heartbeat_s,
+            "hub": hub,
+            "agents": agents,
+        }
+        atomic_write_bytes(self.path, (json.dumps(payload, indent=1) + "\n").encode())
+
+
+def _changed(old: AgentRecord, new: AgentRecord) -> bool:
+    return replace(old, last_seen=0.0) != replace(new, last_seen=0.0)
+
+
+def load_fleet(store_root: Path) -> tuple[dict[str, Any], list[AgentRecord]]:
+    """What the hub last wrote: its own summary and the agent records (empty if never run)."""
+    path = Path(store_root) / FLEET_FILE
+    if not path.exists():
+        return {}, []
+    raw = json.loads(path.read_text())
+    return dict(raw.get("hub", {})) | {
+        "updated_at": raw.get("updated_at"),
+        "heartbeat_s": raw.get("heartbeat_s", 1.0),
+    }, [AgentRecord(**entry) for entry in raw.get("agents", [])]

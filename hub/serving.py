@@ -1,0 +1,210 @@
+"""What the hub answers on its ROUTER socket: statuses, manifests and chunks of stored versions.
+
+``FetchService`` holds no sockets: it takes a request's frames and the ZAP User-Id libzmq
+attached to them and returns the reply frames. Every request is checked against the live
+allow-list (so a removed key is refused at once), decoded strictly, and answered from versions
+verified once per hub lifetime; faults are counted and logged, rate-limited per source.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from loguru import logger
+
+from zk0.hub.fleet import FleetTable
+from zk0.shared.artifact import ArtifactError, Manifest, verify_artifact
+from zk0.shared.distribution import protocol as p
+from zk0.shared.distribution.keys import AllowList, key_id
+from zk0.shared.store import AdapterStore
+
+_REFUSED = re.compile(r"^refused v(\d+): ")
+_FAULT_LOG_WINDOW_S = 10.0
+_FAULT_LOG_PER_WINDOW = 5
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    version: int
+    artifact_id: str
+    manifest: Manifest
+    manifest_bytes: bytes
+    folder: Path
+
+    @property
+    def size(self) -> int:
+        """Bytes an agent fetches: the manifest and every file it lists."""
+        return len(self.manifest_bytes) + sum(f.size for f in self.manifest.files.values())
+
+
+class FaultLog:
+    """Counts faults per socket; logs the first few per source and window, then a tally."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def record(self, socket: str, source: str, message: str) -> None:
+        self.counts[socket] = self.counts.get(socket, 0) + 1
+        now = time.monotonic()
+        key = f"{socket}:{source}"
+        start, seen = self._windows.get(key, (now, 0))
+        if now - start > _FAULT_LOG_WINDOW_S:
+            if seen > _FAULT_LOG_PER_WINDOW:
+                logger.warning(
+                    "{} more faults on the {} socket from {} not logged",
+                    seen - _FAULT_LOG_PER_WINDOW,
+                    socket,
+                    source,
+                )
+            start, seen = now, 0
+        self._windows[key] = (start, seen + 1)
+        if seen < _FAULT_LOG_PER_WINDOW:
+            logger.warning("fault on the {} socket from {}: {}", socket, source, message)
+
+
+class ZapPolicy:
+    """ZAP credentials provider: a CURVE client key is admitted iff it is in the allow-list."""
+
+    def __init__(self, allow_list: AllowList, faults: FaultLog) -> None:
+        self.allow_list, self.faults = allow_list, faults
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if self.allow_list.agent_for(key) is not None:
+            return True
+        self.faults.record("zap", f"key {key_id(key)}", "refused a CURVE key not in the allow-list")
+        return False
+
+
+class VersionCache:
+    """Stored versions, each verified in full the first time it is asked for."""
+
+    def __init__(self, store: AdapterStore) -> None:
+        self.store = store
+        self._served: dict[int, ServedVersion] = {}
+
+    def get(self, version: int) -> ServedVersion | None:
+        served = self._served.get(version)
+        if served is None:
+            folder = self.store.path(version)
+            if not folder.is_dir():
+                return None
+            try:
+                manifest = verify_artifact(folder)
+            except ArtifactError as error:
+                logger.error("not serving version {}: {}", version, error)
+                return None
+            served = ServedVersion(
+                version, manifest.artifact_id, manifest, manifest.canonical_bytes(), folder
+            )
+            self._served[version] = served
+        return served
+
+    def forget(self, version: int) -> None:
+        self._served.pop(version, None)
+
+
+def _error(code: str, detail: str, version: int | None = None) -> list[bytes]:
+    return p.encode(p.ErrorReply(code, detail[:300], version))
+
+
+class FetchService:
+    def __init__(
+        self,
+        cache: VersionCache,
+        fleet: FleetTable,
+        faults: FaultLog,
+        allow_list: AllowList | None,
+        latest: Callable[[], p.Latest],
+    ) -> None:
+        """``allow_list`` None means plain mode (no CURVE): agents are who they say they are."""
+        self.cache, self.fleet, self.faults = cache, fleet, faults
+        self.allow_list, self.latest = allow_list, latest
+        self.bytes_served = 0
+
+    def source(self, user_id: str | None) -> tuple[str | None, str]:
+        """(agent id or None, a label for logs) of a message's authenticated key."""
+        if self.allow_list is None:
+            return None, "plain peer"
+        if not user_id:
+            return None, "unauthenticated peer"
+        agent_id = self.allow_list.agent_for(user_id.encode())
+        return agent_id, f"agent {agent_id}" if agent_id else f"key {key_id(user_id.encode())}"
+
+    def handle(self, frames: list[bytes], user_id: str | None) -> list[bytes]:
+        """The reply to one request (``frames`` without the routing frame)."""
+        agent_id, source = self.source(user_id)
+        if self.allow_list is not None and agent_id is None:
+            self.faults.record("fetch", source, "request from a key that is not in the allow-list")
+            return _error("denied", "this agent's key is not in the hub's allow-list")
+        try:
+            message = p.decode_request(frames)
+        except p.ProtocolError as error:
+            self.faults.record("fetch", source, f"malformed request: {error}")
+            return _error(error.code, str(error))
+        if isinstance(message, p.Status):
+            if agent_id is not None and message.agent_id != agent_id:
+                self.faults.record("fetch", source, f"status claims to be {message.agent_id!r}")
+                return _error("bad_request", "agent_id does not match the key you connect with")
+            self._on_status(message, key_id(user_id.encode()) if user_id else "-")
+            return p.encode(self.latest())
+        if agent_id is not None:
+            self.fleet.seen(agent_id)
+        if isinstance(message, p.GetManifest):
+            served = self.cache.get(message.version)
+            if served is None or served.artifact_id != message.artifact_id:
+                return _error("unknown_version", "no such version/artifact id", message.version)
+            self.bytes_served += len(served.manifest_bytes)
+            reply = p.ManifestReply(served.version, served.artifact_id, served.manifest_bytes)
+            return p.encode(reply)
+        assert isinstance(message, p.GetChunk)
+        return self._chunk(message, source)
+
+    def _chunk(self, request: p.GetChunk, source: str) -> list[bytes]:
+        served = self.cache.get(request.version)
+        if served is None or served.artifact_id != request.artifact_id:
+            return _error("unknown_version", "no such version/artifact id", request.version)
+        entry = served.manifest.files.get(request.file)
+        if entry is None or request.offset + request.length > entry.size:
+            self.faults.record("fetch", source, f"chunk outside the artifact: {request.file!r}")
+            return _error("bad_request", "chunk outside the artifact", request.version)
+        try:
+            fd = os.open(served.folder / request.file, os.O_RDONLY)
+            try:
+                data = os.pread(fd, request.length, request.offset)
+            finally:
+                os.close(fd)
+        except OSError as error:
+            logger.error("cannot read version {}: {}", request.version, error)
+            data = b""
+        if len(data) != request.length:
+            self.cache.forget(request.version)
+            return _error("unavailable", "the hub cannot read that version", request.version)
+        self.bytes_served += len(data)
+        header = p.ChunkReply(served.version, served.artifact_id, request.file, request.offset)
+        return p.encode(header, data)
+
+    def _on_status(self, status: p.Status, key: str) -> None:
+        previous, record = self.fleet.update(status, key)
+        if previous is None or previous.revoked:
+            logger.info(
+                "agent {} (key {}) online: applied {}, in use {}",
+                record.agent_id,
+                key,
+                record.applied,
+                record.in_use,
+            )
+        elif (previous.applied, previous.in_use) != (record.applied, record.in_use):
+            logger.info(
+                "agent {}: applied {}, in use {}", record.agent_id, record.applied, record.in_use
+            )
+        if record.error and record.error != (previous.error if previous else None):
+            logger.warning("agent {} reports: {}", record.agent_id, record.error)
+            refused = _REFUSED.match(record.error)
+            if refused:  # verify that version again before serving it to anyone else
+                self.cache.forget(int(refused.group(1)))
