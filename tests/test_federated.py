@@ -105,6 +105,7 @@ def _poison(source: Path, target: Path) -> Path:
     return target
 
 
+@pytest.mark.timeout(1500)  # each Flower message starts a ClientApp process: slow on 2 busy cores
 def test_deployment_with_tls_auth_a_nan_client_and_a_hub_restart(
     datasets: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -151,7 +152,7 @@ def test_deployment_with_tls_auth_a_nan_client_and_a_hub_restart(
         hub_log = (tmp_path / "run1" / "hub" / "hub.log").read_text()
         assert "dropped reply from broken-02" in hub_log and "non-finite" in hub_log
         history = _history(tmp_path / "run1")
-        assert sorted(history["clients"]) == ["sim-00", "sim-01"]  # type: ignore[arg-type]
+        _assert_every_client_improved(history, ["sim-00", "sim-01"])  # the broken arm is not there
         store = AdapterStore(store_root)
         assert store.versions() == [0, 1]
         assert store.manifest(1).metrics["clients_dropped"] == 1
