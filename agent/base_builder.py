@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from loguru import logger
 
-from zk0.agent.episode_cache import BASE_VARIANT, SIM_ROBOT, recorded
+from zk0.agent.episode_cache import recorded
 from zk0.agent.training import (
     TrainConfig,
     dataset_stats,
@@ -37,6 +37,7 @@ from zk0.shared.policy_factory import (
     make_processors,
     policy_backbone_name,
 )
+from zk0.shared.sim_variants import BASE_VARIANT, SIM_ROBOT
 
 RECIPE_FILE = "recipe.json"
 

@@ -18,64 +18,12 @@ from typing import Any
 
 from loguru import logger
 
-from zk0.shared.config import RobotConfig, load_robot_config
+from zk0.shared.config import RobotConfig
 from zk0.shared.fsutil import file_lock, publish_dir, staging_dir_for
 from zk0.shared.policy_factory import cache_root
+from zk0.shared.sim_variants import CLIENT_VARIANTS, variant_config
 
 GENERATOR_VERSION = 1
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SIM_ROBOT = REPO_ROOT / "robot_configs" / "sim_so101.yaml"
-LEFT, RIGHT, ACROSS = (0.02, 0.10), (-0.10, -0.02), (-0.10, 0.10)
-
-#: The base task the tiny base is pretrained on: cubes from the near half to the far half.
-BASE_VARIANT: dict[str, Any] = {
-    "seed": 1000,
-    "cube_region": {"x": (0.15, 0.21), "y": ACROSS},
-    "goal_region": {"x": (0.24, 0.30), "y": ACROSS},
-}
-#: Non-IID clients. All of them share one shift from the base task (cubes go from the far half
-#: to the near half: the reverse of what the base learned), the way a fleet's arms share what
-#: sets them apart from pretraining data; each also has its own lateral placement and visuals.
-FAR, NEAR = (0.25, 0.30), (0.15, 0.20)
-CLIENT_VARIANTS: dict[str, dict[str, Any]] = {
-    "sim-00": {
-        "seed": 0,
-        "cube_region": {"x": FAR, "y": LEFT},
-        "goal_region": {"x": NEAR, "y": RIGHT},
-    },
-    "sim-01": {
-        "seed": 1,
-        "cube_region": {"x": FAR, "y": RIGHT},
-        "goal_region": {"x": NEAR, "y": LEFT},
-    },
-    "sim-02": {
-        "seed": 2,
-        "light_jitter": 0.3,
-        "cube_region": {"x": FAR, "y": ACROSS},
-        "goal_region": {"x": NEAR, "y": ACROSS},
-    },
-    "sim-03": {
-        "seed": 3,
-        "camera_jitter_m": 0.02,
-        "cube_region": {"x": FAR, "y": LEFT},
-        "goal_region": {"x": NEAR, "y": LEFT},
-    },
-}
-
-
-def variant_config(
-    options: dict[str, Any], episode_time_s: float, base: Path = SIM_ROBOT
-) -> RobotConfig:
-    """The simulated arm's robot config with a task variant and episode length."""
-    config = load_robot_config(base)
-    return RobotConfig.model_validate(
-        {
-            **config.model_dump(),
-            "options": options,
-            "episode_time_s": episode_time_s,
-            "reset_time_s": 0,
-        }
-    )
 
 
 def _recipe(config: RobotConfig, episodes: int) -> str:

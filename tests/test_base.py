@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from zk0.agent.base_builder import RECIPE, RECIPE_FILE
-from zk0.agent.episode_cache import BASE_VARIANT, recorded
+from zk0.agent.episode_cache import recorded
 from zk0.agent.training import dataset_stats, evaluate_mse, open_dataset, split_episodes
 from zk0.shared.features import PolicyFeatures
 from zk0.shared.normalization import to_lerobot
@@ -17,6 +17,7 @@ from zk0.shared.policy_factory import (
     build_policy,
     make_processors,
 )
+from zk0.shared.sim_variants import BASE_VARIANT
 
 BASE = COMMITTED_BASES / "tiny-sim-base"
 
