@@ -228,45 +228,19 @@ if __name__ == "__main__":
 
 @app.command("demo")
 def demo(
-    policy: PolicyOption = "tiny",
-    robot_config: RobotOption = DEFAULT_ROBOT_CONFIG,
+    agents: Annotated[int, typer.Option(min=1, max=4, help="Simulated SO-101 agents.")] = 3,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated LoRA rounds.")] = 3,
+    episodes: Annotated[int, typer.Option(min=2, help="Episodes each agent records.")] = 8,
+    policy: PolicyOption = "tiny-sim-base",
     outputs: Annotated[Path, typer.Option(help="Root of the run folders.")] = Path("outputs"),
 ) -> None:
-    """The end-to-end path so far: base, LoRA, a hub version, a verified agent copy."""
-    from loguru import logger
-
-    from zk0.shared.artifact import load_adapter, save_adapter
-    from zk0.shared.logs import new_run_dir, setup_logging
-    from zk0.shared.lora import apply_lora, summarize
-    from zk0.shared.policy_factory import build_policy
-    from zk0.shared.store import AdapterStore
-
-    run_dir = new_run_dir(outputs)
-    setup_logging(run_dir, "demo")
-    features = _features(robot_config)
-    loaded = build_policy(policy, features)
-    spec = LoraSpec()
-    peft_model = apply_lora(loaded.policy, spec, loaded.base.name_or_path)
-    summary = summarize(peft_model)
-    logger.info(
-        "base {} ({}), {:,} LoRA parameters on {} expert projections",
-        policy,
-        loaded.base.base_id[:19],
-        summary.lora_params,
-        len(summary.wrapped_modules),
+    """A hub and simulated agents on loopback: record, federate, push, evaluate (offline)."""
+    # The umbrella CLI reaches into the hub package here: the demo runs the hub in-process.
+    demo_module = importlib.import_module("zk0.hub.demo")
+    options = demo_module.DemoOptions(
+        agents=agents, rounds=rounds, episodes=episodes, policy=policy, outputs=outputs
     )
-    hub_store = AdapterStore(run_dir / "hub" / "adapters")
-    with hub_store.allocate() as (version, path):
-        manifest = save_adapter(peft_model, path, version=version, base=loaded.base, lora=spec)
-    hub_store.set_current(version)
-    agent_store = AdapterStore(run_dir / "agents" / "sim-01" / "adapters")
-    agent_store.install(hub_store.path(version), expected_id=manifest.artifact_id)
-    agent_store.set_current(version)
-    load_adapter(peft_model, agent_store.path(version), manifest.artifact_id, loaded.base)
-    logger.info("agent sim-01 runs version {} ({}…)", version, manifest.artifact_id[:12])
-    typer.echo(f"run folder   {run_dir}")
-    typer.echo(f"hub store    {hub_store.root} (current v{version})")
-    typer.echo(f"agent store  {agent_store.root} (current v{version})")
+    demo_module.run_demo(options)
 
 
 base_app = typer.Typer(help="Pretrained bases shipped with zk0.", no_args_is_help=True)

@@ -136,7 +136,9 @@ class AgentKeys(StrictModel):
     curve_secret: Path
     curve_public: Path
     hub_curve_public: Path
+    #: Flower SuperNode authentication (ECDSA, OpenSSH format) and the hub's TLS CA certificate.
     supernode_private_key: Path | None = None
+    hub_ca_cert: Path | None = None
 
 
 class AgentConfig(StrictModel):

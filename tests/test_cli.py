@@ -29,19 +29,3 @@ def test_help_everywhere(command: list[str]) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Usage" in result.stdout
-
-
-def test_demo_publishes_a_version_the_agent_verifies(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [str(BIN / "zk0"), "demo", "--outputs", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    (run_dir,) = tmp_path.iterdir()
-    assert (run_dir / "hub" / "adapters" / "current.json").exists()
-    assert (
-        run_dir / "agents" / "sim-01" / "adapters" / "versions" / "0" / "manifest.json"
-    ).exists()
-    assert "runs version 0" in (run_dir / "demo" / "demo.log").read_text()
