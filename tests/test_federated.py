@@ -187,3 +187,27 @@ def test_deployment_with_tls_auth_a_nan_client_and_a_hub_restart(
         for node in nodes:
             node.stop()
         link.stop()
+
+
+def test_evaluation_is_deterministic_and_split_by_episode(
+    datasets: dict[str, Path], sim_features: object
+) -> None:
+    from zk0.agent.training import dataset_stats, evaluate_mse, open_dataset, split_episodes
+    from zk0.shared.features import PolicyFeatures
+    from zk0.shared.lora import LoraSpec, apply_lora
+    from zk0.shared.normalization import to_lerobot
+    from zk0.shared.policy_factory import build_policy, make_processors
+
+    train_ids, held_out = split_episodes(EPISODES)
+    assert (
+        held_out == [4] and 4 not in train_ids and split_episodes(EPISODES) == (train_ids, held_out)
+    )
+    assert isinstance(sim_features, PolicyFeatures)
+    base = build_policy("tiny-sim-base", sim_features, device="cpu")
+    root = datasets["sim-01"]
+    stats = to_lerobot(dataset_stats(open_dataset(root, base.policy.config, train_ids)))
+    preprocessor, _ = make_processors(base.policy.config, stats)
+    model = apply_lora(base.policy, LoraSpec())
+    episodes = open_dataset(root, base.policy.config, held_out)
+    first = evaluate_mse(model, preprocessor, episodes, max_frames=6)
+    assert evaluate_mse(model, preprocessor, episodes, max_frames=6) == first
