@@ -1,0 +1,411 @@
+"""``zk0 bench inference``: async vs sync on the simulated arm, torch vs ONNX Runtime, hot swap.
+
+* Closed loop (``tiny-sim-base`` on held-out episodes of its base task, 30 fps, paced in real
+  time, same seeds and tasks in every run): the time the arm stood still waiting for the model
+  (each episode's first chunk excluded, in both modes), completion time, starved-tick fraction;
+  for the torch backend (headline) and ONNX Runtime.
+* Chunk latency, torch vs ONNX Runtime, for ``tiny-sim-base`` (the whole chunk: VLM prefix and
+  ten denoising steps) and their largest difference, for the base and for a swapped adapter.
+* ``smolvla-arch`` (full size, random weights): the VLM prefix and one denoising step in torch,
+  their ONNX export and ONNX Runtime, each in its own process (time and peak memory, or the
+  error).
+* Hot swap: adapter versions swapped in during a running async episode (verify + merge time
+  in the loader thread, there and with the engine idle; starved and missed ticks meanwhile).
+
+The swapped adapters are real artifacts whose LoRA B matrices are drawn at random (timing only).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+import typer
+
+from zk0.agent.inference.backends import BackendName
+from zk0.bench._common import time_calls, write_result
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+POLICY = "tiny-sim-base"
+HELD_OUT_SEED = 4242  # the base task, episodes the base never saw
+ARCH = "smolvla-arch"
+
+
+def _robot(horizon_s: float) -> Any:
+    from zk0.shared.sim_variants import BASE_VARIANT, variant_config
+
+    return variant_config({**BASE_VARIANT, "seed": HELD_OUT_SEED}, horizon_s)
+
+
+def make_adapters(features: Any, stats: Any, count: int, root: Path) -> list[Path]:
+    """``count`` artifacts for ``tiny-sim-base`` carrying ``stats``; B drawn at random."""
+    from zk0.shared.artifact import save_adapter
+    from zk0.shared.lora import LoraSpec, apply_lora
+    from zk0.shared.normalization import NORMALIZATION_FILE, dumps
+    from zk0.shared.policy_factory import build_policy
+
+    loaded = build_policy(POLICY, features, device="cpu")
+    peft_model = apply_lora(loaded.policy, LoraSpec(), loaded.base.name_or_path)
+    generator = torch.Generator().manual_seed(0)
+    folders = []
+    for version in range(1, count + 1):
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if ".lora_B." in name:
+                    param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+        folder = root / f"v{version}"
+        save_adapter(
+            peft_model,
+            folder,
+            version=version,
+            base=loaded.base,
+            lora=LoraSpec(),
+            extra_files={NORMALIZATION_FILE: dumps(stats)},
+        )
+        folders.append(folder)
+    return folders
+
+
+def _mode_figures(report: Any) -> dict[str, Any]:
+    summary = report.summary()
+    keep = ("success_rate", "mean_episode_s", "chunk_latency_p50_s", "chunk_latency_p95_s")
+    return {
+        **{key: summary[key] for key in keep},
+        "idle_s": summary["idle_s"],
+        "starved_fraction": summary["starved_fraction"],
+        "starved_ticks": summary["starved_ticks"],
+        "missed_ticks": summary["missed_ticks"],
+        "mean_first_chunk_s": summary["mean_first_chunk_s"],
+        "chunks_by_backend": summary["chunks_by_backend"],
+        "episode_s": [e["duration_s"] for e in summary["per_episode"]],
+        "episode_success": [e["success"] for e in summary["per_episode"]],
+    }
+
+
+def closed_loop(backend: BackendName, episodes: int, horizon_s: float) -> dict[str, Any]:
+    from zk0.agent.inference.evaluation import evaluate, open_session
+
+    with open_session(_robot(horizon_s), POLICY, backend=backend) as session:
+        sync = evaluate(session, episodes, mode="sync")
+        run = evaluate(session, episodes, mode="async")
+        info = session.info
+    figures = {"sync": _mode_figures(sync), "async": _mode_figures(run)}
+    idle_sync = figures["sync"]["idle_s"]
+    return {
+        **figures,
+        "idle_ratio_async_over_sync": figures["async"]["idle_s"] / idle_sync if idle_sync else None,
+        "completion_time_ratio_async_over_sync": figures["async"]["mean_episode_s"]
+        / figures["sync"]["mean_episode_s"],
+        "horizon_steps": sync.info["horizon_steps"],
+        "fps": info["fps"],
+        "chunk_actions": info["chunk_actions"],
+        "threshold": info["engine"]["threshold"],
+    }
+
+
+def hot_swap(swaps: int, horizon_s: float, root: Path) -> dict[str, Any]:
+    """``swaps`` versions, each offered once the previous one computed a chunk, then rollback."""
+    from zk0.agent.inference.evaluation import base_task_feature_stats, open_session
+
+    with open_session(_robot(horizon_s), POLICY) as session:
+        engine, slot = session.engine, session.slot
+        stats = base_task_feature_stats(slot.base.policy.config)
+        folders = make_adapters(slot.base.features, stats, swaps, root)
+        in_use: list[int | None] = []
+        engine.on_version_in_use = in_use.append
+        box: dict[str, Any] = {}
+        runner = threading.Thread(
+            target=lambda: box.update(result=engine.run_episode(0, 100_000, max_s=600))
+        )
+        runner.start()
+        try:
+            _wait(lambda: bool(in_use))
+            for version, folder in enumerate(folders, start=1):
+                engine.offer_adapter(version, folder)
+                _wait(lambda v=version: in_use[-1] == v)
+            engine.rollback()
+            _wait(lambda: in_use[-1] == swaps - 1)
+        finally:
+            engine.end_episode()
+            runner.join()
+        result = box["result"]
+        offers = [s for s in slot.swaps if s.kind == "offer"]
+        idle = []
+        for folder in folders:  # the same work with nothing else running
+            start = time.perf_counter()
+            slot.build(folder)
+            idle.append(time.perf_counter() - start)
+    windows = []
+    for swap in offers:
+        first = next(c for c in result.chunks if c.version == swap.version)
+        windows.append((swap.offered_at, first.ready_at))
+    loads = [s.load_s for s in offers]
+    return {
+        "swaps": len(offers),
+        "hot_swap_s": float(np.median(loads)),
+        "hot_swap_max_s": max(loads),
+        "hot_swap_idle_s": float(np.median(idle)),
+        "offer_to_first_chunk_s": float(np.median([end - start for start, end in windows])),
+        "starved_ticks_during_swaps": sum(result.starved_between(*w) for w in windows),
+        "missed_ticks_during_swaps": sum(result.missed_between(*w) for w in windows),
+        "episode_starved_ticks": result.starved_ticks,
+        "episode_s": result.duration_s,
+        "versions_in_use": in_use,
+        "load_errors": slot.errors,
+    }
+
+
+def _wait(predicate: Any, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("hot swap did not take effect")
+        time.sleep(0.01)
+
+
+def _frame(policy: Any, seed: int, task: str) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(seed)
+    frame: dict[str, Any] = {
+        key: torch.rand(feature.shape, generator=generator)
+        for key, feature in policy.config.input_features.items()
+    }
+    frame["task"] = task
+    return frame
+
+
+def onnx_vs_torch(repeats: int, threads: int, root: Path) -> dict[str, Any]:
+    """Whole-chunk latency of both backends on ``tiny-sim-base``, and their largest difference
+    (normalized model outputs and robot units), for the base and for a swapped adapter."""
+    from zk0.agent.inference.backends import (
+        InferencePolicy,
+        OnnxBackend,
+        TorchBackend,
+        predict_chunk,
+    )
+    from zk0.agent.inference.evaluation import base_task_feature_stats
+    from zk0.agent.inference.onnx_export import META_FILE, OnnxExport, signature_of
+    from zk0.agent.inference.swap import AdapterSlot
+    from zk0.shared.features import PolicyFeatures
+    from zk0.shared.normalization import to_lerobot
+    from zk0.shared.policy_factory import build_policy
+
+    robot = _robot(8.0)
+    loaded = build_policy(POLICY, PolicyFeatures.from_robot_config(robot), device="cpu")
+    stats = base_task_feature_stats(loaded.policy.config)
+    slot = AdapterSlot(loaded, to_lerobot(stats))
+    policy = InferencePolicy(loaded.policy)
+    base = slot.active
+    frames = [_frame(policy.policy, seed, robot.task) for seed in range(4)]
+    signature = signature_of(policy.policy, base.preprocessor(dict(frames[0])))
+    export = OnnxExport(loaded.base, loaded.features, signature)
+    cached = export.ready()
+    export.export_now(policy.policy)
+    onnx = OnnxBackend(export.folder, export.signature, policy, threads)
+    reference = TorchBackend(policy)
+    adapter = slot.build(make_adapters(loaded.features, stats, 1, root)[0])
+    normalized_diff = robot_units_diff = 0.0
+    for runtime in (base, adapter):
+        for seed, frame in enumerate(frames):
+            noise = torch.randn(1, 50, 32, generator=torch.Generator().manual_seed(seed))
+            batch = runtime.preprocessor(dict(frame))
+            a = reference.predict(runtime, dict(batch), noise).numpy()
+            b = onnx.predict(runtime, dict(batch), noise).numpy()
+            normalized_diff = max(normalized_diff, float(np.abs(a - b).max()))
+            a_units = predict_chunk(runtime, reference, frame, noise)
+            b_units = predict_chunk(runtime, onnx, frame, noise)
+            robot_units_diff = max(robot_units_diff, float(np.abs(a_units - b_units).max()))
+    noise = torch.randn(1, 50, 32, generator=torch.Generator().manual_seed(0))
+    batch = base.preprocessor(dict(frames[0]))
+    timings = {
+        "torch": time_calls(lambda: reference.predict(base, dict(batch), noise), repeats, 3),
+        "onnxruntime": time_calls(lambda: onnx.predict(base, dict(batch), noise), repeats, 3),
+        "torch_with_processing": time_calls(
+            lambda: predict_chunk(base, reference, frames[0], noise), repeats, 3
+        ),
+        "onnxruntime_with_processing": time_calls(
+            lambda: predict_chunk(base, onnx, frames[0], noise), repeats, 3
+        ),
+    }
+    meta = json.loads((export.folder / META_FILE).read_text())
+    return {
+        "torch_chunk_s": timings["torch"]["median_s"],
+        "onnx_chunk_s": timings["onnxruntime"]["median_s"],
+        "onnx_speedup": timings["torch"]["median_s"] / timings["onnxruntime"]["median_s"],
+        "onnx_max_abs_diff": normalized_diff,
+        "onnx_max_abs_diff_robot_units": robot_units_diff,
+        "export_s": meta["seconds"].get("total_s"),
+        "export_was_cached": cached,
+        "timings": timings,
+        "repeats": repeats,
+    }
+
+
+def arch_probe(kind: str, folder: Path) -> dict[str, Any]:
+    """One full-size measurement in this process: ``torch``, ``export`` or ``onnx``."""
+    from zk0.agent.inference.onnx_export import (
+        DENOISE_FILE,
+        PREFIX_FILE,
+        _modules,
+        export_graphs,
+        input_names,
+        prepare_inputs,
+        signature_of,
+    )
+    from zk0.agent.inference.swap import expert_weight_names
+    from zk0.shared.config import load_robot_config
+    from zk0.shared.features import PolicyFeatures
+    from zk0.shared.policy_factory import build_fresh_policy, make_processors
+    from zk0.shared.sim_variants import SIM_ROBOT
+
+    config = load_robot_config(SIM_ROBOT)
+    policy = build_fresh_policy(ARCH, PolicyFeatures.from_robot_config(config)).eval()
+    preprocessor, _ = make_processors(policy.config)
+    frame: dict[str, Any] = {
+        key: torch.rand(feature.shape, generator=torch.Generator().manual_seed(0))
+        for key, feature in policy.config.input_features.items()
+    }
+    frame["task"] = config.task
+    batch = preprocessor(frame)
+    signature = signature_of(policy, batch)
+    result: dict[str, Any] = {"params": sum(p.numel() for p in policy.parameters())}
+    prefix_cls, _ = _modules()
+    with torch.no_grad():
+        inputs = prepare_inputs(policy, batch)
+        prefix = prefix_cls(policy.model, len(signature.images)).eval()
+        cache = prefix(*inputs)
+    x_t = torch.randn(1, signature.chunk_size, signature.action_dim)
+    timestep = torch.ones(1)
+    if kind == "torch":
+        from transformers import DynamicCache
+
+        def step() -> None:
+            kv = DynamicCache()
+            for layer in range((len(cache) - 1) // 2):
+                kv.update(cache[1 + 2 * layer], cache[2 + 2 * layer], layer)
+            policy.model.denoise_step(cache[0], kv, x_t, timestep)
+
+        with torch.no_grad():
+            result["prefix_s"] = time_calls(lambda: prefix(*inputs), 2)["median_s"]
+            result["denoise_step_s"] = time_calls(step, 2)["median_s"]
+    elif kind == "export":
+        result |= export_graphs(policy, signature, folder)
+        result["bytes"] = sum(p.stat().st_size for p in folder.iterdir())
+    else:
+        import onnxruntime as ort  # type: ignore[import-untyped]
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        start = time.perf_counter()
+        prefix_session = ort.InferenceSession(str(folder / PREFIX_FILE), options)
+        step_session = ort.InferenceSession(str(folder / DENOISE_FILE), options)
+        result["session_load_s"] = time.perf_counter() - start
+        feeds = {n: t.numpy() for n, t in zip(input_names(signature), inputs, strict=True)}
+        outputs = prefix_session.run(None, feeds)
+        result["prefix_s"] = time_calls(lambda: prefix_session.run(None, feeds), 2)["median_s"]
+        names = [o.name for o in prefix_session.get_outputs()]
+        params = dict(policy.named_parameters())
+        step_feeds = {
+            **dict(zip(names, outputs, strict=True)),
+            **{f"weight:{n}": params[n].detach().numpy() for n in expert_weight_names(policy)},
+            "x_t": x_t.numpy(),
+            "timestep": timestep.numpy(),
+        }
+        result["denoise_step_s"] = time_calls(lambda: step_session.run(["v_t"], step_feeds), 2)[
+            "median_s"
+        ]
+        reference = np.asarray(outputs[1])
+        result["prefix_max_abs_diff"] = float(np.abs(reference - cache[1].numpy()).max())
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    return result
+
+
+def arch_figures(timeout_s: float) -> dict[str, Any]:
+    """Each full-size measurement in a child process, so its peak memory is its own."""
+    figures: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="zk0-arch-onnx-") as tmp:
+        for kind in ("torch", "export", "onnx"):
+            out = Path(tmp) / f"{kind}.json"
+            argv = [sys.executable, "-m", "zk0.bench.inference", "--probe", kind]
+            argv += ["--probe-dir", tmp, "--json", str(out)]
+            try:
+                run = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                figures[kind] = {"error": f"timed out after {timeout_s:.0f} s"}
+                continue
+            if run.returncode != 0 or not out.exists():
+                tail = (run.stderr.strip().splitlines() or ["no output"])[-1]
+                figures[kind] = {"error": f"exit {run.returncode}: {tail}"}
+                continue
+            figures[kind] = json.loads(out.read_text())
+    return figures
+
+
+@app.command()
+def main(
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+    episodes: Annotated[int, typer.Option(min=1, help="Episodes per mode and backend.")] = 3,
+    horizon_s: Annotated[float, typer.Option(help="Policy actions per episode / fps.")] = 8.0,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed chunks per backend.")] = 20,
+    swaps: Annotated[int, typer.Option(min=2)] = 10,
+    arch: Annotated[bool, typer.Option("--arch/--no-arch", help="Full-size probes.")] = True,
+    arch_timeout_s: Annotated[float, typer.Option(help="Per full-size probe.")] = 1800.0,
+    threads: Annotated[int, typer.Option(help="torch/onnxruntime threads.")] = 1,
+    probe: Annotated[str | None, typer.Option(hidden=True)] = None,
+    probe_dir: Annotated[Path | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Async vs sync on the simulated arm, torch vs ONNX Runtime, hot-swap time."""
+    torch.set_num_threads(threads)
+    if probe is not None:
+        assert probe_dir is not None and json_path is not None
+        json_path.write_text(json.dumps(arch_probe(probe, probe_dir)))
+        return
+    with tempfile.TemporaryDirectory(prefix="zk0-bench-inference-") as tmp:
+        backends: tuple[BackendName, ...] = ("torch", "onnx")
+        loops = {name: closed_loop(name, episodes, horizon_s) for name in backends}
+        swap = hot_swap(swaps, horizon_s, Path(tmp) / "swap")
+        tiny = onnx_vs_torch(repeats, threads, Path(tmp) / "tiny")
+    full = arch_figures(arch_timeout_s) if arch else {}
+    headline = loops["torch"]
+    result: dict[str, Any] = {
+        "idle_ratio_async_over_sync": headline["idle_ratio_async_over_sync"],
+        "completion_time_ratio_async_over_sync": headline["completion_time_ratio_async_over_sync"],
+        "starved_fraction_async": headline["async"]["starved_fraction"],
+        "starved_fraction_sync": headline["sync"]["starved_fraction"],
+        "idle_s_async": headline["async"]["idle_s"],
+        "idle_s_sync": headline["sync"]["idle_s"],
+        "onnx_speedup_tiny": tiny["onnx_speedup"],
+        "onnx_max_abs_diff": tiny["onnx_max_abs_diff"],
+        "hot_swap_s": swap["hot_swap_s"],
+        "starved_ticks_during_swaps": swap["starved_ticks_during_swaps"],
+        "closed_loop": loops,
+        "hot_swap": swap,
+        "tiny_sim_base": tiny,
+        "smolvla_arch": full,
+        "policy": POLICY,
+        "episodes": episodes,
+    }
+    ratio = headline["idle_ratio_async_over_sync"]
+    summary = (
+        f"inference: arm idle async/sync {'n/a' if ratio is None else f'{ratio:.3f}'} "
+        f"({headline['async']['idle_s']:.2f} s vs {headline['sync']['idle_s']:.2f} s), "
+        f"completion {headline['completion_time_ratio_async_over_sync']:.3f}x, starved "
+        f"{headline['async']['starved_fraction']:.1%} async vs "
+        f"{headline['sync']['starved_fraction']:.1%} sync; ONNX Runtime "
+        f"{tiny['onnx_speedup']:.1f}x torch (max diff {tiny['onnx_max_abs_diff']:.1e}); "
+        f"hot swap {swap['hot_swap_s'] * 1e3:.0f} ms, "
+        f"{swap['starved_ticks_during_swaps']} starved ticks during {swap['swaps']} swaps"
+    )
+    write_result(json_path, result, summary)
+
+
+if __name__ == "__main__":
+    app()
