@@ -37,7 +37,15 @@ def _train_step_fn(model: Any, batch: dict[str, Any]) -> Any:
     return step, sum(p.numel() for p in params)
 
 
-def measure(spec: str, features: PolicyFeatures, repeats: int, device: str) -> dict[str, Any]:
+def measure(
+    spec: str, features: PolicyFeatures, repeats: int, device: str, bf16: bool = False
+) -> dict[str, Any]:
+    """One architecture's figures; ``bf16`` runs steps and chunks under CUDA autocast (AMP)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        return _measure(spec, features, repeats, device)
+
+
+def _measure(spec: str, features: PolicyFeatures, repeats: int, device: str) -> dict[str, Any]:
     policy = build_fresh_policy(spec, features).to(device)
     policy.config.device = device
     preprocessor, _ = make_processors(policy.config)
@@ -82,13 +90,18 @@ def main(
     repeats: Annotated[int, typer.Option(min=1)] = 2,
     robot_config: Path = REPO_ROOT / "robot_configs" / "sim_so101.yaml",
     threads: Annotated[int, typer.Option(help="torch CPU threads (1 is steadiest here).")] = 1,
+    bf16: Annotated[
+        bool, typer.Option(help="bf16 autocast (AMP), as agents train on a GPU.")
+    ] = False,
 ) -> None:
     """Parameter counts, adapter bytes, LoRA vs full-expert step time, chunk latency."""
     torch.set_num_threads(threads)
     features = PolicyFeatures.from_robot_config(load_robot_config(robot_config))
     device = default_device()
-    results = {spec: measure(spec, features, repeats, device) for spec in specs.split(",")}
-    result: dict[str, Any] = {"device": device, "specs": results}
+    if bf16 and device != "cuda":
+        raise ValueError("--bf16 measures CUDA autocast; no GPU here")
+    results = {spec: measure(spec, features, repeats, device, bf16) for spec in specs.split(",")}
+    result: dict[str, Any] = {"device": device, "bf16_autocast": bf16, "specs": results}
     full_size = results.get("smolvla-arch")
     headline = full_size or next(iter(results.values()))
     if full_size:
