@@ -122,6 +122,6 @@ def main(
             f"chunk {r['predict_action_chunk_s'] * 1e3:.0f} ms"
             for spec, r in results.items()
         )
-        + f" [{device}]"
+        + f" [{device}{', bf16 autocast' if bf16 else ''}]"
     )
     write_result(json_path, result, summary)
