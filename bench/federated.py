@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -34,15 +32,14 @@ from zk0.agent.training import (
 )
 from zk0.bench._common import write_result
 from zk0.hub.aggregation import MODES, ClientUpdate, aggregate
-from zk0.hub.superlink import SuperLink, SuperLinkSettings
+from zk0.hub.superlink import SimulationSuperLink, SuperLink, SuperLinkSettings
 from zk0.shared.config import load_robot_config
 from zk0.shared.features import PolicyFeatures
-from zk0.shared.federation import flower_config_arg
 from zk0.shared.flower_keys import make_node_keypair, make_tls
 from zk0.shared.lora import LoraSpec, adapter_state, apply_lora
 from zk0.shared.normalization import combine_all, to_lerobot
 from zk0.shared.policy_factory import build_fresh_policy, build_policy, make_processors
-from zk0.shared.processes import flower_env, free_port
+from zk0.shared.processes import free_port
 from zk0.shared.store import AdapterStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -115,11 +112,6 @@ def simulate(mode: str, rounds: int, datasets: dict[str, Path], work: Path) -> d
     for agent, root in datasets.items():
         if not (sim_root / agent).exists():
             (sim_root / agent).symlink_to(root)
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        "[superlink]\ndefault = 'sim'\n[superlink.sim]\n"
-        f"options.num-supernodes = {len(datasets)}\noptions.backend.client-resources.num-cpus = 1\n"
-    )
     config = {
         **LEARNING,
         "aggregation": mode,
@@ -128,15 +120,12 @@ def simulate(mode: str, rounds: int, datasets: dict[str, Path], work: Path) -> d
         "sim-data-root": str(sim_root),
         "run-dir": str(run_dir),
     }
-    flwr = str(Path(sys.executable).parent / "flwr")
-    completed = subprocess.run(
-        [flwr, "run", str(REPO_ROOT), "sim", "--stream", "--run-config", flower_config_arg(config)],
-        env=flower_env(flwr_home),
-        capture_output=True,
-        text=True,
-        timeout=3600,
-        check=False,
-    )
+    link = SimulationSuperLink(len(datasets), flwr_home, work / f"logs-{mode}")
+    try:
+        link.start()
+        completed = link.run(REPO_ROOT, config, timeout_s=3600)
+    finally:
+        link.stop()
     if completed.returncode != 0:
         raise RuntimeError(f"simulation ({mode}) failed: {completed.stderr[-500:]}")
     history: dict[str, Any] = json.loads((run_dir / "eval_mse_history.json").read_text())

@@ -1,7 +1,13 @@
-"""The hub's Flower SuperLink: TLS, SuperNode authentication, state in a database file.
+"""The hub's Flower SuperLink, in the two ways zk0 runs federations.
 
-Order matters (Flower 1.42): SuperLink up, agents' node keys registered, then SuperNodes
-connect. A run is submitted with ``flwr run`` through a connection named in
+* ``SuperLink``: a deployment, with TLS, SuperNode authentication and state in a database file.
+  Order matters (Flower 1.42): SuperLink up, agents' node keys registered, then SuperNodes
+  connect.
+* ``SimulationSuperLink``: Flower's simulation engine on a SuperLink of our own, on a free
+  loopback port. (Left to itself, ``flwr run`` starts a managed local SuperLink on a fixed
+  port that outlives the run and serves later runs with the first one's environment.)
+
+A run is submitted with ``flwr run`` through a connection zk0 writes into
 ``$FLWR_HOME/config.toml``; the same connection registers keys.
 """
 
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +24,7 @@ from loguru import logger
 
 from zk0.shared.federation import flower_config_arg
 from zk0.shared.flower_keys import TlsFiles
-from zk0.shared.processes import ManagedProcess, flower_env, wait_for_port
+from zk0.shared.processes import ManagedProcess, flower_env, free_port, wait_for_port
 
 CONNECTION = "zk0"
 
@@ -31,56 +38,41 @@ class SuperLinkSettings:
     node_auth: bool = True
 
 
-class SuperLink:
-    def __init__(self, settings: SuperLinkSettings, flwr_home: Path, log_dir: Path) -> None:
-        self.settings = settings
-        self.flwr_home = flwr_home
+class _ManagedSuperLink(ABC):
+    """A ``flower-superlink`` child, the connection to it, and ``flwr`` commands through it."""
+
+    def __init__(
+        self, host: str, port: int, argv: list[str], flwr_home: Path, log_dir: Path
+    ) -> None:
+        self.host, self.port, self.flwr_home = host, port, flwr_home
         self.env = flower_env(flwr_home)
-        tls = settings.tls
+        binary = str(Path(sys.executable).parent / "flower-superlink")
         argv = [
-            str(Path(sys.executable).parent / "flower-superlink"),
-            "--ssl-ca-certfile",
-            str(tls.ca_cert),
-            "--ssl-certfile",
-            str(tls.server_cert),
-            "--ssl-keyfile",
-            str(tls.server_key),
-            "--database",
-            str(settings.database),
+            binary,
+            *argv,
             "--host",
-            settings.host,
+            host,
             "--port",
-            str(settings.port),
+            str(port),
             "--disable-runtime-dependency-installation",
         ]
-        if settings.node_auth:
-            argv.append("--enable-supernode-auth")
         self.process = ManagedProcess("flower-superlink", argv, self.env, log_dir / "superlink.log")
 
     @property
     def address(self) -> str:
-        return f"{self.settings.host}:{self.settings.port}"
+        return f"{self.host}:{self.port}"
+
+    @abstractmethod
+    def connection_toml(self) -> str:
+        """This SuperLink's lines of its connection in ``config.toml``, after the address."""
 
     def start(self, timeout_s: float = 60.0) -> None:
-        self._write_connection()
-        wait_for_port(self.settings.host, self.settings.port, self.process.start(), timeout_s)
-
-    def _write_connection(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
             f"[superlink]\ndefault = '{CONNECTION}'\n\n[superlink.{CONNECTION}]\n"
-            f"address = '{self.address}'\n"
-            f"root-certificates = '{self.settings.tls.ca_cert.resolve()}'\n"
+            f"address = '{self.address}'\n{self.connection_toml()}"
         )
-
-    def register(self, public_key: Path, name: str) -> None:
-        """Admit the SuperNode holding ``public_key``'s private half (an agent's node key)."""
-        result = self._flwr("supernode", "register", str(public_key), CONNECTION, "--name", name)
-        if result.returncode != 0 and "already" not in result.stdout + result.stderr:
-            raise RuntimeError(
-                f"registering {name}'s node key failed: {result.stderr.strip()[-300:]}"
-            )
-        logger.info("registered SuperNode key of {}", name)
+        wait_for_port(self.host, self.port, self.process.start(), timeout_s)
 
     def run(
         self, app_dir: Path, run_config: dict[str, Any], timeout_s: float
@@ -93,8 +85,13 @@ class SuperLink:
             "--stream",
             "--run-config",
             flower_config_arg(run_config),
+            *self.run_options(),
             timeout_s=timeout_s,
         )
+
+    def run_options(self) -> list[str]:
+        """Further ``flwr run`` options this kind of SuperLink needs."""
+        return []
 
     def _flwr(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
         flwr = str(Path(sys.executable).parent / "flwr")
@@ -109,3 +106,58 @@ class SuperLink:
 
     def stop(self) -> None:
         self.process.stop()
+
+
+class SuperLink(_ManagedSuperLink):
+    """A deployment SuperLink: TLS, SuperNode authentication, state in a database file."""
+
+    def __init__(self, settings: SuperLinkSettings, flwr_home: Path, log_dir: Path) -> None:
+        self.settings = settings
+        tls = settings.tls
+        argv = [
+            "--ssl-ca-certfile",
+            str(tls.ca_cert),
+            "--ssl-certfile",
+            str(tls.server_cert),
+            "--ssl-keyfile",
+            str(tls.server_key),
+            "--database",
+            str(settings.database),
+        ]
+        if settings.node_auth:
+            argv.append("--enable-supernode-auth")
+        super().__init__(settings.host, settings.port, argv, flwr_home, log_dir)
+
+    def connection_toml(self) -> str:
+        return f"root-certificates = '{self.settings.tls.ca_cert.resolve()}'\n"
+
+    def register(self, public_key: Path, name: str) -> None:
+        """Admit the SuperNode holding ``public_key``'s private half (an agent's node key)."""
+        result = self._flwr("supernode", "register", str(public_key), CONNECTION, "--name", name)
+        if result.returncode != 0 and "already" not in result.stdout + result.stderr:
+            raise RuntimeError(
+                f"registering {name}'s node key failed: {result.stderr.strip()[-300:]}"
+            )
+        logger.info("registered SuperNode key of {}", name)
+
+
+class SimulationSuperLink(_ManagedSuperLink):
+    """Flower's simulation engine (``num_supernodes`` simulated nodes) on loopback."""
+
+    def __init__(
+        self, num_supernodes: int, flwr_home: Path, log_dir: Path, cpus_per_client: int = 1
+    ) -> None:
+        self.num_supernodes, self.cpus_per_client = num_supernodes, cpus_per_client
+        super().__init__(
+            "127.0.0.1", free_port(), ["--insecure", "--simulation"], flwr_home, log_dir
+        )
+
+    def connection_toml(self) -> str:
+        return "insecure = true\n"
+
+    def run_options(self) -> list[str]:
+        federation = {
+            "num-supernodes": self.num_supernodes,
+            "client-resources-num-cpus": self.cpus_per_client,
+        }
+        return ["--federation-config", flower_config_arg(federation)]

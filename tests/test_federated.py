@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,11 +14,10 @@ import pytest
 
 from zk0.agent.episode_cache import client_datasets
 from zk0.agent.supernode import SuperNode
-from zk0.hub.superlink import SuperLink, SuperLinkSettings
+from zk0.hub.superlink import SimulationSuperLink, SuperLink, SuperLinkSettings
 from zk0.shared.artifact import verify_artifact
-from zk0.shared.federation import flower_config_arg
 from zk0.shared.flower_keys import make_node_keypair, make_tls
-from zk0.shared.processes import flower_env, free_port
+from zk0.shared.processes import free_port
 from zk0.shared.store import AdapterStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,12 +49,6 @@ def test_simulation_with_four_clients(datasets: dict[str, Path], tmp_path: Path)
     sim_root.mkdir()
     for agent, root in datasets.items():
         (sim_root / agent).symlink_to(root)
-    flwr_home = tmp_path / "flwr-home"
-    flwr_home.mkdir()
-    (flwr_home / "config.toml").write_text(
-        "[superlink]\ndefault = 'sim'\n\n[superlink.sim]\noptions.num-supernodes = 4\n"
-        "options.backend.client-resources.num-cpus = 1\n"
-    )
     run_dir = tmp_path / "run"
     run_config = {
         **FAST_RUN,
@@ -67,22 +58,12 @@ def test_simulation_with_four_clients(datasets: dict[str, Path], tmp_path: Path)
         "run-dir": str(run_dir),
         "aggregation": "fedavg",
     }
-    result = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "flwr"),
-            "run",
-            str(REPO),
-            "sim",
-            "--stream",
-            "--run-config",
-            flower_config_arg(run_config),
-        ],
-        env=flower_env(flwr_home),
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    link = SimulationSuperLink(4, tmp_path / "flwr-home", tmp_path / "logs")
+    try:
+        link.start()
+        result = link.run(REPO, run_config, timeout_s=900)
+    finally:
+        link.stop()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     history = _history(run_dir)
     assert history["rounds"] == [0, 1, 2] and history["aggregation"] == "fedavg"
