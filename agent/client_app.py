@@ -51,14 +51,15 @@ app = ClientApp()
 @functools.lru_cache(maxsize=2)
 def _base(spec: str, robot_config: str) -> LoadedPolicy:
     """The frozen base, built once per process and copied for every round."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     features = PolicyFeatures.from_robot_config(load_robot_config(robot_config))  # type: ignore[arg-type]
     return build_policy(spec, features)
 
 
 def _settings(context: Context) -> tuple[RunSettings, NodeSettings]:
     run = RunSettings.from_run_config(dict(context.run_config))
-    return run, NodeSettings.from_node_config(dict(context.node_config), run)
+    node = NodeSettings.from_node_config(dict(context.node_config), run)
+    torch.set_num_threads(node.torch_threads)
+    return run, node
 
 
 def _episodes(node: NodeSettings) -> tuple[list[int], list[int]]:

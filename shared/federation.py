@@ -99,6 +99,9 @@ class NodeSettings(_Settings):
 
     agent_id: str = Field(pattern=AGENT_ID_PATTERN)
     data_root: Path
+    #: CPU threads for torch in the ClientApp. One by default: on a robot PC the arm's control
+    #: loop and policy come first, and oversubscribed cores make torch 10-80x slower.
+    torch_threads: int = Field(default=1, ge=1, le=256)
 
     @field_validator("data_root")
     @classmethod
@@ -116,6 +119,7 @@ class NodeSettings(_Settings):
                 raise ConfigError("run config: sim-data-root is required in simulation")
             agent_id = f"sim-{int(raw['partition-id']):02d}"
             raw = {"agent-id": agent_id, "data-root": str(Path(run.sim_data_root) / agent_id)}
-        known: dict[str, Any] = {key: raw[key] for key in ("agent-id", "data-root") if key in raw}
+        keys = ("agent-id", "data-root", "torch-threads")
+        known: dict[str, Any] = {key: raw[key] for key in keys if key in raw}
         settings: NodeSettings = cls.parse(known, "node config")
         return settings
