@@ -100,6 +100,17 @@ def test_deployment_with_tls_auth_a_nan_client_and_a_hub_restart(
     flwr_home = tmp_path / "flwr-home"
     link = SuperLink(settings, flwr_home, tmp_path / "logs")
     store_root = tmp_path / "hub-store"
+
+    def one_round(run_dir: Path) -> dict[str, object]:
+        return {
+            **FAST_RUN,
+            "num-server-rounds": 1,
+            "min-nodes": 3,
+            "store-root": str(store_root),
+            "run-dir": str(run_dir),
+            "round-timeout-s": 300.0,
+        }
+
     nodes: list[SuperNode] = []
     try:
         link.start()
@@ -117,18 +128,7 @@ def test_deployment_with_tls_auth_a_nan_client_and_a_hub_restart(
             )
             node.start()
             nodes.append(node)
-        first = link.run(
-            REPO,
-            {
-                **FAST_RUN,
-                "num-server-rounds": 1,
-                "min-nodes": 3,
-                "store-root": str(store_root),
-                "run-dir": str(tmp_path / "run1"),
-                "round-timeout-s": 300.0,
-            },
-            timeout_s=900,
-        )
+        first = link.run(REPO, one_round(tmp_path / "run1"), timeout_s=900)
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
         hub_log = (tmp_path / "run1" / "hub" / "hub.log").read_text()
         assert "dropped reply from broken-02" in hub_log and "non-finite" in hub_log
@@ -144,18 +144,7 @@ def test_deployment_with_tls_auth_a_nan_client_and_a_hub_restart(
         link.process.process.wait()
         link = SuperLink(settings, flwr_home, tmp_path / "logs-restarted")
         link.start()
-        second = link.run(
-            REPO,
-            {
-                **FAST_RUN,
-                "num-server-rounds": 1,
-                "min-nodes": 3,
-                "store-root": str(store_root),
-                "run-dir": str(tmp_path / "run2"),
-                "round-timeout-s": 300.0,
-            },
-            timeout_s=900,
-        )
+        second = link.run(REPO, one_round(tmp_path / "run2"), timeout_s=900)
         assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
         assert store.versions() == [0, 1, 2]
         continued = store.manifest(2)
