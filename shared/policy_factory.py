@@ -201,6 +201,11 @@ def _materialize(base: GeneratedBase, features: PolicyFeatures) -> Path:
     return folder
 
 
+def committed_bases() -> list[str]:
+    """Names of the bases shipped in the package (``tiny-sim-base``)."""
+    return sorted(p.parent.name for p in COMMITTED_BASES.glob("*/model.safetensors"))
+
+
 def policy_backbone_name(architecture: str) -> str:
     return GENERATED_BASES[architecture].backbone.name
 
@@ -210,7 +215,10 @@ def _materialize_committed(name: str) -> Path:
     source = COMMITTED_BASES / name
     config = json.loads((source / "config.json").read_text())
     backbone_name = str(config["vlm_model_name"]).removeprefix(BACKBONE_SCHEME)
-    recipe = next(g.backbone for g in GENERATED_BASES.values() if g.backbone.name == backbone_name)
+    recipes = [g.backbone for g in GENERATED_BASES.values() if g.backbone.name == backbone_name]
+    if not recipes:
+        raise PolicySpecError(f"{source}: unknown backbone {backbone_name!r} in config.json")
+    recipe = recipes[0]
     config["vlm_model_name"] = str(_ensure_backbone(recipe))
     weights = sha256_file(source / "model.safetensors")
     folder = cache_root() / "bases" / f"{name}-{weights[:16]}"
@@ -225,7 +233,7 @@ def _materialize_committed(name: str) -> Path:
 
 def resolve_base(spec: str, features: PolicyFeatures | None = None) -> BaseRef:
     """Find (or generate) the checkpoint folder ``spec`` names; no network for local specs."""
-    if (COMMITTED_BASES / spec / "model.safetensors").is_file():
+    if spec in committed_bases():
         folder = _materialize_committed(spec)
         return BaseRef(spec=spec, name_or_path=str(folder), base_id=checkpoint_id(folder))
     if spec in GENERATED_BASES:
