@@ -294,7 +294,7 @@ def _print_table(
         "eval MSE round 0 -> last",
         "success",
         "adapter",
-        "MB moved",
+        "MB received",
     ):
         table.add_column(column, justify="right" if column != "agent" else "left")
     for agent in agents:
