@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from zk0.shared.config import ConfigError
+from zk0.shared.config import SO_ARM_JOINTS, ConfigError
 
 #: Key of the joint-state stream in ``capture_stamps()``; cameras use their observation key.
 STATE_STREAM = "state"
@@ -122,6 +122,47 @@ class RecordingTeleop:
     def success(self) -> bool | None:
         """Whether the task is achieved in the state after the last action (None: unknown)."""
         return None
+
+
+class SoftwareDevice:
+    """Mixin for the simulated, scripted and synthetic arms and leaders.
+
+    They speak LeRobot's robot/teleoperator interface but have no motors to calibrate, so they
+    skip LeRobot's ``__init__`` (which creates a calibration folder) and call ``init_identity``.
+    """
+
+    _connected: bool = False
+
+    def init_identity(self, device_id: str) -> None:
+        self.id = device_id
+        self.calibration: dict[str, Any] = {}
+        self.calibration_dir = None
+        self.calibration_fpath = None
+
+    @property
+    def action_features(self) -> dict[str, Any]:
+        return {f"{joint}.pos": float for joint in SO_ARM_JOINTS}
+
+    @property
+    def feedback_features(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected
+
+    @property
+    def is_calibrated(self) -> bool:
+        return True
+
+    def calibrate(self) -> None:
+        """Nothing to calibrate: software joints read true angles."""
+
+    def configure(self) -> None:
+        """Nothing to configure."""
+
+    def send_feedback(self, feedback: dict[str, Any]) -> None:
+        """No motors to push back with."""
 
 
 def parse_options[M: BaseModel](model: type[M], options: dict[str, Any], backend: str) -> M:

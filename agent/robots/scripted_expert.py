@@ -22,7 +22,7 @@ from lerobot.teleoperators.teleoperator import Teleoperator
 from lerobot_env_so101.scripted import PickPlaceController
 from numpy.typing import NDArray
 
-from zk0.agent.robots.base import RecordingTeleop, RobotSetupError
+from zk0.agent.robots.base import RecordingTeleop, RobotSetupError, SoftwareDevice
 from zk0.agent.robots.sim_scene import ACTION_SCALE
 from zk0.agent.robots.sim_so101 import SimSO101
 from zk0.shared.config import SO_ARM_JOINTS, ArmConfig
@@ -32,7 +32,7 @@ DECISION_HZ = 10.0
 LINGER_S = 0.3
 
 
-class ScriptedExpert(RecordingTeleop, Teleoperator):  # type: ignore[misc]
+class ScriptedExpert(RecordingTeleop, SoftwareDevice, Teleoperator):  # type: ignore[misc]
     """Pick-and-place by script, as joint targets for ``SimSO101`` (LeRobot ``Teleoperator``)."""
 
     name = "scripted_expert"
@@ -40,11 +40,7 @@ class ScriptedExpert(RecordingTeleop, Teleoperator):  # type: ignore[misc]
     reports_success = True
 
     def __init__(self, config: ArmConfig, robot: SimSO101) -> None:
-        # Not Teleoperator.__init__: that creates a calibration folder; a script needs none.
-        self.id = config.id
-        self.calibration: dict[str, Any] = {}
-        self.calibration_dir = None
-        self.calibration_fpath = None
+        self.init_identity(config.id)
         self.config = config
         self._robot = robot
         fps = robot.config.fps
@@ -58,33 +54,11 @@ class ScriptedExpert(RecordingTeleop, Teleoperator):  # type: ignore[misc]
         self._calls = 0
         self._frames_done = 0
 
-    @property
-    def action_features(self) -> dict[str, Any]:
-        return {f"{joint}.pos": float for joint in SO_ARM_JOINTS}
-
-    @property
-    def feedback_features(self) -> dict[str, Any]:
-        return {}
-
-    @property
-    def is_connected(self) -> bool:
-        return self._connected
-
-    @property
-    def is_calibrated(self) -> bool:
-        return True
-
     def connect(self, calibrate: bool = False) -> None:
         if not self._robot.is_connected:
             raise RobotSetupError(f"{self}: connect the simulated arm {self._robot.id} first")
         self._connected = True
         self.start_episode(0)
-
-    def calibrate(self) -> None:
-        """Nothing to calibrate."""
-
-    def configure(self) -> None:
-        """Nothing to configure."""
 
     def get_action(self) -> dict[str, Any]:
         scene = self._robot.scene
@@ -107,9 +81,6 @@ class ScriptedExpert(RecordingTeleop, Teleoperator):  # type: ignore[misc]
         action = {f"{joint}.pos": float(v) for joint, v in zip(SO_ARM_JOINTS[:5], arm, strict=True)}
         action["gripper.pos"] = 100.0 * self._grasp
         return action
-
-    def send_feedback(self, feedback: dict[str, Any]) -> None:
-        """A script needs no force feedback."""
 
     def disconnect(self) -> None:
         self._connected = False

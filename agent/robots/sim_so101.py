@@ -30,6 +30,7 @@ from zk0.agent.robots.base import (
     FrameStamp,
     RecordingRobot,
     RobotSetupError,
+    SoftwareDevice,
     parse_options,
 )
 from zk0.agent.robots.sim_camera import SimCamera
@@ -136,19 +137,15 @@ class SimClock(Clock):
             self._robot.state_changed()
 
 
-class SimSO101(RecordingRobot, Robot):  # type: ignore[misc]
+class SimSO101(RecordingRobot, SoftwareDevice, Robot):  # type: ignore[misc]
     """The simulated follower arm (LeRobot ``Robot`` interface)."""
 
     name = "sim_so101"
     config_class = RobotConfig
 
     def __init__(self, config: RobotConfig) -> None:
-        # Not Robot.__init__: that creates a calibration folder, and a simulated arm has none.
         self.robot_type = self.name
-        self.id = config.robot.id
-        self.calibration: dict[str, Any] = {}
-        self.calibration_dir = None
-        self.calibration_fpath = None
+        self.init_identity(config.robot.id)
         self.config = config
         self.options = parse_options(SimOptions, config.options, self.name)
         self.cameras: dict[str, SimCamera] = {}
@@ -175,16 +172,8 @@ class SimSO101(RecordingRobot, Robot):  # type: ignore[misc]
         return {**self.action_features, **cameras}
 
     @property
-    def action_features(self) -> dict[str, Any]:
-        return {f"{joint}.pos": float for joint in SO_ARM_JOINTS}
-
-    @property
     def is_connected(self) -> bool:
         return self._scene is not None
-
-    @property
-    def is_calibrated(self) -> bool:
-        return True
 
     def connect(self, calibrate: bool = False) -> None:
         if self._scene is not None:
@@ -198,12 +187,6 @@ class SimSO101(RecordingRobot, Robot):  # type: ignore[misc]
             self.disconnect()
             raise
         self.state_changed()
-
-    def calibrate(self) -> None:
-        """Nothing to calibrate: the simulated joints read true angles."""
-
-    def configure(self) -> None:
-        """Nothing to configure."""
 
     def get_observation(self) -> dict[str, Any]:
         scene = self.scene

@@ -33,6 +33,7 @@ from zk0.agent.robots.base import (
     RecordingRobot,
     RecordingTeleop,
     RobotSetupError,
+    SoftwareDevice,
     VirtualClock,
     WallClock,
     parse_options,
@@ -116,7 +117,7 @@ class SyntheticCamera(Camera):  # type: ignore[misc]
         self._patterns = []
 
 
-class SyntheticRobot(RecordingRobot, Robot):  # type: ignore[misc]
+class SyntheticRobot(RecordingRobot, SoftwareDevice, Robot):  # type: ignore[misc]
     """Six SO-100 joints (degrees, gripper 0..100) and synthetic cameras."""
 
     name = "synthetic"
@@ -124,10 +125,7 @@ class SyntheticRobot(RecordingRobot, Robot):  # type: ignore[misc]
 
     def __init__(self, config: RobotConfig) -> None:
         self.robot_type = self.name
-        self.id = config.robot.id
-        self.calibration: dict[str, Any] = {}
-        self.calibration_dir = None
-        self.calibration_fpath = None
+        self.init_identity(config.robot.id)
         self.config = config
         self.options = parse_options(SyntheticOptions, config.options, self.name)
         self.clock: Clock = WallClock() if self.options.realtime else VirtualClock()
@@ -149,28 +147,10 @@ class SyntheticRobot(RecordingRobot, Robot):  # type: ignore[misc]
         cameras = {key: (cam.height, cam.width, 3) for key, cam in self.cameras.items()}
         return {**self.action_features, **cameras}
 
-    @property
-    def action_features(self) -> dict[str, Any]:
-        return {f"{joint}.pos": float for joint in SO_ARM_JOINTS}
-
-    @property
-    def is_connected(self) -> bool:
-        return self._connected
-
-    @property
-    def is_calibrated(self) -> bool:
-        return True
-
     def connect(self, calibrate: bool = False) -> None:
         for camera in self.cameras.values():
             camera.connect()
         self._connected = True
-
-    def calibrate(self) -> None:
-        """Nothing to calibrate."""
-
-    def configure(self) -> None:
-        """Nothing to configure."""
 
     def get_observation(self) -> dict[str, Any]:
         if not self._connected:
@@ -208,55 +188,27 @@ class SyntheticRobot(RecordingRobot, Robot):  # type: ignore[misc]
         self._frame = 0
 
 
-class SyntheticLeader(RecordingTeleop, Teleoperator):  # type: ignore[misc]
+class SyntheticLeader(RecordingTeleop, SoftwareDevice, Teleoperator):  # type: ignore[misc]
     """A leader arm waving smoothly: slow sinusoids, a different phase per joint and seed."""
 
     name = "synthetic_leader"
     config_class = ArmConfig
 
     def __init__(self, config: ArmConfig, robot: SyntheticRobot) -> None:
-        self.id = config.id
-        self.calibration: dict[str, Any] = {}
-        self.calibration_dir = None
-        self.calibration_fpath = None
+        self.init_identity(config.id)
         self._clock = robot.clock
         rng = np.random.default_rng(robot.options.seed)
         self._phase = rng.uniform(0, 2 * np.pi, len(SO_ARM_JOINTS))
         self._connected = False
 
-    @property
-    def action_features(self) -> dict[str, Any]:
-        return {f"{joint}.pos": float for joint in SO_ARM_JOINTS}
-
-    @property
-    def feedback_features(self) -> dict[str, Any]:
-        return {}
-
-    @property
-    def is_connected(self) -> bool:
-        return self._connected
-
-    @property
-    def is_calibrated(self) -> bool:
-        return True
-
     def connect(self, calibrate: bool = False) -> None:
         self._connected = True
-
-    def calibrate(self) -> None:
-        """Nothing to calibrate."""
-
-    def configure(self) -> None:
-        """Nothing to configure."""
 
     def get_action(self) -> dict[str, Any]:
         wave = np.sin(2 * np.pi * 0.25 * self._clock.now() + self._phase)
         values = 30.0 * wave
         values[-1] = 50.0 + 40.0 * wave[-1]  # gripper 10..90
         return {f"{joint}.pos": float(v) for joint, v in zip(SO_ARM_JOINTS, values, strict=True)}
-
-    def send_feedback(self, feedback: dict[str, Any]) -> None:
-        """No motors to push back with."""
 
     def disconnect(self) -> None:
         self._connected = False
