@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from zk0.agent.daemon_cli import register as register_daemon_commands
 from zk0.shared.cli import run_cli
 from zk0.shared.config import AgentConfig, load_agent_config
 from zk0.shared.features import PolicyFeatures
@@ -45,20 +46,37 @@ def _key_paths(agent: AgentConfig) -> tuple[Path, Path]:
     return folder / f"{agent.agent_id}.key_secret", folder / f"{agent.agent_id}.key"
 
 
+def _node_key_path(agent: AgentConfig) -> Path:
+    if agent.keys is not None and agent.keys.supernode_private_key is not None:
+        return agent.keys.supernode_private_key
+    return agent.data_root / "keys" / f"{agent.agent_id}.supernode"
+
+
 @keys_app.command("init")
 def keys_init(config: Annotated[Path, typer.Option("--config", help="agent.yaml")]) -> None:
-    """Make this agent's CURVE key pair (secret 0600) for the hub's allow-list."""
+    """Make both of this agent's key pairs (secrets 0600): CURVE for adapter distribution and
+    ECDSA for Flower SuperNode authentication."""
     from zk0.shared.distribution.keys import create_keypair, key_id
+    from zk0.shared.flower_keys import make_node_keypair
 
     agent = load_agent_config(config)
     secret, public = _key_paths(agent)
+    if _node_key_path(agent).exists():
+        raise ValueError(f"{_node_key_path(agent)}: already exists; keys are never overwritten")
     pair = create_keypair(secret, public, agent.agent_id)
+    node_public = make_node_keypair(_node_key_path(agent))
     typer.echo(f"agent {agent.agent_id} key {key_id(pair.public)}: secret {secret} (0600)")
-    typer.echo(f"on the hub: zk0-hub keys add {agent.agent_id} {public.name} --config hub.yaml")
+    typer.echo(f"SuperNode key: secret {_node_key_path(agent)} (0600), public {node_public}")
+    typer.echo(
+        f"on the hub: zk0-hub keys add {agent.agent_id} {public.name} "
+        f"--supernode-key {node_public.name} --config hub.yaml"
+    )
     if agent.keys is None:
         typer.echo(
             f"then add to {config}:\nkeys:\n  curve_secret: {secret}\n  curve_public: {public}\n"
-            "  hub_curve_public: <the hub's public .key file>"
+            f"  supernode_private_key: {_node_key_path(agent)}\n"
+            "  hub_curve_public: <the hub's public .key file>\n"
+            "  hub_ca_cert: <the hub's TLS CA certificate>"
         )
 
 
@@ -102,13 +120,13 @@ def record(
     import os
     import sys
 
-    from zk0.shared.config import ConfigError, load_robot_config
+    from zk0.shared.config import ConfigError, dataset_root_for, load_robot_config
     from zk0.shared.logs import new_run_dir, setup_logging
 
     agent = load_agent_config(config) if config is not None else None
     robot = load_robot_config(robot_config)
     data_root = agent.data_root if agent else Path(os.environ.get("ZK0_DATA_ROOT", "outputs/data"))
-    dataset_root = root if root is not None else data_root / "datasets" / robot.robot.id
+    dataset_root = root if root is not None else dataset_root_for(data_root, robot)
     run_dir = new_run_dir()
     if agent is not None:
         log = setup_logging(run_dir, "agent", agent.agent_id, level="WARNING")
@@ -290,6 +308,9 @@ def supernode(
                 raise RuntimeError(f"flower-supernode exited ({node.process.process.returncode})")  # type: ignore[union-attr]
     finally:
         node.stop()
+
+
+register_daemon_commands(app)
 
 
 def main() -> None:

@@ -7,9 +7,13 @@ first round, the per-feature statistics the hub combines into the shared normali
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import os
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +30,7 @@ from zk0.agent.training import (
     train_policy,
 )
 from zk0.shared.config import load_robot_config
+from zk0.shared.control import ControlError, request
 from zk0.shared.features import PolicyFeatures
 from zk0.shared.federation import (
     AGENT_ID,
@@ -87,6 +92,35 @@ def _model(run: RunSettings, message: Message) -> tuple[Any, Any]:
     return peft_model, preprocessor
 
 
+@contextlib.contextmanager
+def _compute(node: NodeSettings, server_round: int, phase: str) -> Iterator[None]:
+    """Hold the agent daemon's permission to use the compute (none needed without a daemon).
+
+    The arm and a running policy come first: while the daemon refuses, ask again every
+    second; after ``train-wait-s`` give up, and the hub counts this agent dropped this round.
+    """
+    if not node.control_socket:
+        yield
+        return
+    socket, pid = Path(node.control_socket), os.getpid()
+    deadline = time.monotonic() + node.train_wait_s
+    while True:
+        answer = request(socket, "compute_begin", pid=pid, round=server_round, phase=phase)
+        if answer["granted"]:
+            break
+        if time.monotonic() >= deadline:
+            raise RuntimeError(
+                f"{node.agent_id}: busy for {node.train_wait_s:.0f} s ({answer['reason']}); "
+                f"skipping round {server_round}"
+            )
+        time.sleep(1.0)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ControlError):
+            request(socket, "compute_end", pid=pid)
+
+
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """Per-feature count, mean, variance, min and max of this agent's training episodes."""
@@ -101,9 +135,13 @@ def query(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     run, node = _settings(context)
+    server_round = int(message.content[CONFIG_KEY].get("server-round", 0))  # type: ignore[arg-type]
+    with _compute(node, server_round, "train"):
+        return _train(message, run, node, server_round)
+
+
+def _train(message: Message, run: RunSettings, node: NodeSettings, server_round: int) -> Message:
     peft_model, preprocessor = _model(run, message)
-    config = message.content[CONFIG_KEY]
-    server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
     train_episodes, _ = _episodes(node)
     dataset = open_dataset(node.data_root, peft_model.base_model.model.config, train_episodes)
     result = train_policy(
@@ -135,6 +173,12 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     run, node = _settings(context)
+    server_round = int(message.content[CONFIG_KEY].get("server-round", 0))  # type: ignore[arg-type]
+    with _compute(node, server_round, "evaluate"):
+        return _evaluate(message, run, node)
+
+
+def _evaluate(message: Message, run: RunSettings, node: NodeSettings) -> Message:
     start = time.perf_counter()
     peft_model, preprocessor = _model(run, message)
     _, held_out = _episodes(node)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from zk0.shared.federation import flower_config_arg
 from zk0.shared.processes import ManagedProcess, flower_env
@@ -21,9 +22,11 @@ class SuperNode:
         port: int,
         flwr_home: Path,
         log_dir: Path,
+        node_options: dict[str, Any] | None = None,
     ) -> None:
+        """``node_options``: further node config (``control-socket``, ``train-wait-s``, ...)."""
         node_config = flower_config_arg(
-            {"agent-id": agent_id, "data-root": str(data_root.resolve())}
+            {"agent-id": agent_id, "data-root": str(data_root.resolve()), **(node_options or {})}
         )
         argv = [
             str(Path(sys.executable).parent / "flower-supernode"),

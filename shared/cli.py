@@ -13,6 +13,7 @@ import typer
 
 from zk0.shared.artifact import ArtifactError, read_manifest, verify_artifact
 from zk0.shared.config import ConfigError, load_robot_config
+from zk0.shared.control import ControlError
 from zk0.shared.features import PolicyFeatures
 from zk0.shared.lora import LoraSpec
 from zk0.shared.policy_factory import DEFAULT_POLICY, GENERATED_BASES, PolicySpecError
@@ -20,7 +21,14 @@ from zk0.shared.policy_factory import DEFAULT_POLICY, GENERATED_BASES, PolicySpe
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROBOT_CONFIG = REPO_ROOT / "robot_configs" / "sim_so101.yaml"
 #: Errors a user can fix; they print as one line and exit 2, never as a traceback.
-USER_ERRORS = (ConfigError, PolicySpecError, ArtifactError, FileNotFoundError, ValueError)
+USER_ERRORS = (
+    ConfigError,
+    PolicySpecError,
+    ArtifactError,
+    ControlError,
+    FileNotFoundError,
+    ValueError,
+)
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 policy_app = typer.Typer(help="Inspect SmolVLA policies.", no_args_is_help=True)

@@ -125,6 +125,10 @@ class RobotConfig(StrictModel):
         return {c.policy_key: (3, c.height, c.width) for c in self.cameras.values()}
 
 
+def dataset_root_for(data_root: Path, robot: RobotConfig) -> Path:
+    return Path(data_root) / "datasets" / robot.robot.id
+
+
 class HubAddress(StrictModel):
     host: str = "127.0.0.1"
     flower_port: Annotated[int, Field(gt=0, lt=65536)] = 9092
@@ -150,19 +154,112 @@ class AgentConfig(StrictModel):
     hub: HubAddress = HubAddress()
     keys: AgentKeys | None = None
     policy: str = "lerobot/smolvla_base"
+    #: The daemon's local control socket (its CLI and its ClientApp); default
+    #: ``<data_root>/agent.sock``.
+    control_socket: Path | None = None
+    #: How long a federated round waits for the arm and the compute before the agent skips it
+    #: (the hub counts it as dropped): recording and a running policy come first.
+    train_wait_s: Annotated[float, Field(ge=0)] = 120.0
+    #: CPU threads for torch in training and inference: the control loop needs cores too.
+    torch_threads: Annotated[int, Field(ge=1, le=256)] = 1
 
     def load_robot_config(self) -> RobotConfig:
         return load_robot_config(self.robot_config)
+
+    @property
+    def control_socket_path(self) -> Path:
+        return self.control_socket or self.data_root / "agent.sock"
+
+    def dataset_root(self, robot: RobotConfig) -> Path:
+        """The arm's LeRobot dataset: ``<data_root>/datasets/<robot id>``."""
+        return dataset_root_for(self.data_root, robot)
 
 
 class HubKeys(StrictModel):
     curve_secret: Path
     curve_public: Path
+    #: Admitted agents' CURVE keys (``<agent id>.key``); their Flower SuperNode public keys
+    #: live in its ``supernodes/`` subfolder (``<agent id>.pub``, see ``zk0.hub.enrolment``).
     allow_list_dir: Path
 
 
+class HubTls(StrictModel):
+    """The SuperLink's TLS files (``zk0-hub keys init`` makes them with a private CA).
+
+    Agents need ``ca_cert`` (their ``keys.hub_ca_cert``); the server certificate must name,
+    in its SAN, the address agents dial."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+#: Run-config keys the hub sets itself from other fields; ``runs.run_config`` may not set them.
+HUB_SET_RUN_KEYS = {
+    "policy": "policy",
+    "num-server-rounds": "runs.rounds",
+    "min-nodes": "runs.min_agents",
+    "round-timeout-s": "runs.round_timeout_s",
+    "store-root": "store_root",
+    "run-dir": "(a fresh run folder per run)",
+}
+
+
+class RunsConfig(StrictModel):
+    """When the hub starts a federated run, and with which Flower run config.
+
+    ``episodes``: as soon as ``min_agents`` online agents each report at least
+    ``min_new_episodes`` episodes recorded since their last round. ``schedule``: every
+    ``every_s`` seconds, if ``min_agents`` agents are online. ``manual``: only on
+    ``zk0-hub start-run``. Never while a run is active, nor within ``cooldown_s`` of the
+    last run's end (a manual start skips only the cooldown).
+    """
+
+    trigger: Literal["episodes", "schedule", "manual"] = "episodes"
+    min_new_episodes: Annotated[int, Field(ge=0)] = 20
+    #: Online agents needed to start a run; also the run's ``min-nodes``.
+    min_agents: Annotated[int, Field(ge=1)] = 2
+    every_s: Annotated[float, Field(gt=0)] | None = None
+    rounds: Annotated[int, Field(ge=1, le=10_000)] = 3
+    cooldown_s: Annotated[float, Field(ge=0)] = 60.0
+    round_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    #: Further Flower run-config values (``local-steps``, ``lr``, ...), passed through as they
+    #: are; keys are RunSettings' (``zk0.shared.federation``), dashed or with underscores.
+    run_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+    @field_validator("run_config")
+    @classmethod
+    def _known_run_keys(
+        cls, value: dict[str, str | int | float | bool]
+    ) -> dict[str, str | int | float | bool]:
+        # Imported here: zk0.shared.federation imports this module.
+        from zk0.shared.federation import RunSettings
+
+        fields = (name.replace("_", "-") for name in RunSettings.model_fields)
+        known = sorted(key for key in fields if key not in HUB_SET_RUN_KEYS)
+        dashed = {key.replace("_", "-"): item for key, item in value.items()}
+        for key in dashed:
+            if key in HUB_SET_RUN_KEYS:
+                raise ValueError(f"{key!r} is set by the hub from {HUB_SET_RUN_KEYS[key]}")
+            if key not in known:
+                raise ValueError(
+                    f"unknown Flower run-config key {key!r} (known: {', '.join(known)})"
+                )
+        try:  # the values too: a bad lr fails here, not an hour later in the first round
+            RunSettings.from_run_config(dashed)
+        except ConfigError as error:
+            raise ValueError(str(error).removeprefix("run config: ")) from None
+        return dashed
+
+    @model_validator(mode="after")
+    def _schedule_needs_period(self) -> Self:
+        if self.trigger == "schedule" and self.every_s is None:
+            raise ValueError("every_s is required when trigger is schedule")
+        return self
+
+
 class HubConfig(StrictModel):
-    """The hub server: where it listens, where it keeps adapters and keys."""
+    """The hub server: where it listens, where it keeps adapters, keys and its state."""
 
     bind_host: str = "127.0.0.1"
     flower_port: Annotated[int, Field(gt=0, lt=65536)] = 9092
@@ -170,8 +267,17 @@ class HubConfig(StrictModel):
     fetch_port: Annotated[int, Field(gt=0, lt=65536)] = 5557
     store_root: Path
     keys: HubKeys | None = None
+    tls: HubTls | None = None
     policy: str = "lerobot/smolvla_base"
     heartbeat_s: Annotated[float, Field(gt=0)] = 1.0
+    #: SuperLink database, Flower home, enrolment registry and (by default) the control
+    #: socket. Default ``<store_root>/../hub-state``: derived from this file alone (not from
+    #: systemd's ``$STATE_DIRECTORY``), so that ``zk0-hub status`` run by an operator finds
+    #: the socket the daemon made.
+    state_dir: Path | None = None
+    #: The daemon's control socket (``zk0-hub status``); default ``<state dir>/hub.sock``.
+    control_socket: Path | None = None
+    runs: RunsConfig = Field(default_factory=RunsConfig)
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> Self:
@@ -179,6 +285,14 @@ class HubConfig(StrictModel):
         if len(set(ports)) != len(ports):
             raise ValueError(f"flower_port, publish_port and fetch_port must differ, got {ports}")
         return self
+
+    @property
+    def hub_state_dir(self) -> Path:
+        return self.state_dir or self.store_root.parent / "hub-state"
+
+    @property
+    def control_socket_path(self) -> Path:
+        return self.control_socket or self.hub_state_dir / "hub.sock"
 
 
 class _StrictLoader(yaml.SafeLoader):

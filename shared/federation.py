@@ -102,6 +102,10 @@ class NodeSettings(_Settings):
     #: CPU threads for torch in the ClientApp. One by default: on a robot PC the arm's control
     #: loop and policy come first, and oversubscribed cores make torch 10-80x slower.
     torch_threads: int = Field(default=1, ge=1, le=256)
+    #: The agent daemon's control socket: ask it before using the compute (empty: no daemon,
+    #: e.g. a SuperNode started on its own).
+    control_socket: str = ""
+    train_wait_s: float = Field(default=120.0, ge=0)
 
     @field_validator("data_root")
     @classmethod
@@ -119,7 +123,7 @@ class NodeSettings(_Settings):
                 raise ConfigError("run config: sim-data-root is required in simulation")
             agent_id = f"sim-{int(raw['partition-id']):02d}"
             raw = {"agent-id": agent_id, "data-root": str(Path(run.sim_data_root) / agent_id)}
-        keys = ("agent-id", "data-root", "torch-threads")
+        keys = ("agent-id", "data-root", "torch-threads", "control-socket", "train-wait-s")
         known: dict[str, Any] = {key: raw[key] for key in keys if key in raw}
         settings: NodeSettings = cls.parse(known, "node config")
         return settings

@@ -26,7 +26,7 @@ OUTPUTS_ENV = "ZK0_OUTPUTS"
 RUN_DIR_ENV = "ZK0_RUN_DIR"
 BRIDGED_LOGGERS = ("flwr", "lerobot", "peft", "transformers", "datasets", "")
 #: Chatty per-request loggers (Flower's runtime pushes logs over HTTP several times a second).
-QUIETED_LOGGERS = ("httpx", "httpcore", "urllib3")
+QUIETED_LOGGERS = ("httpx", "httpcore", "urllib3", "PIL", "filelock", "fsspec")
 
 
 class _InterceptHandler(logging.Handler):

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from loguru import logger
@@ -99,3 +100,68 @@ class ManagedProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+class Supervised:
+    """A child that is started again whenever it exits, as systemd's ``Restart=always`` would.
+
+    ``make`` builds a fresh :class:`ManagedProcess` for every start (a new free port, say).
+    Restarts back off exponentially (``min_backoff_s`` doubling up to ``max_backoff_s``) so a
+    child that cannot start (its server is down) does not spin; a child that stayed up for
+    ``healthy_s`` is forgiven its earlier failures. Call :meth:`check` from the owner's loop.
+    """
+
+    def __init__(
+        self,
+        make: Callable[[], ManagedProcess],
+        min_backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        healthy_s: float = 60.0,
+    ) -> None:
+        self.make = make
+        self.min_backoff_s, self.max_backoff_s, self.healthy_s = (
+            min_backoff_s,
+            max_backoff_s,
+            healthy_s,
+        )
+        self.child: ManagedProcess | None = None
+        self.restarts = 0
+        self._backoff_s = min_backoff_s
+        self._started_at = 0.0
+        self._restart_at: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.child is not None and self.child.running
+
+    def start(self) -> None:
+        self.child = self.make()
+        self.child.start()
+        self._started_at = time.monotonic()
+        self._restart_at = None
+
+    def check(self) -> None:
+        """Restart the child if it exited and its back-off has passed."""
+        if self.child is None or self.child.running:
+            return
+        now = time.monotonic()
+        if self._restart_at is None:
+            code = self.child.process.returncode if self.child.process is not None else None
+            if now - self._started_at >= self.healthy_s:
+                self._backoff_s = self.min_backoff_s
+            logger.warning(
+                "{} exited with {}; restarting in {:.0f} s (log {})",
+                self.child.name,
+                code,
+                self._backoff_s,
+                self.child.log_path,
+            )
+            self._restart_at = now + self._backoff_s
+            self._backoff_s = min(self.max_backoff_s, self._backoff_s * 2)
+        elif now >= self._restart_at:
+            self.restarts += 1
+            self.start()
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop()

@@ -63,7 +63,10 @@ def _send(fields: dict[str, str | int]) -> bool:
     if not fields or address is None:
         return False
     lines = (f"{key}={str(value).replace(chr(10), ' ')}\n" for key, value in fields.items())
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+    # Non-blocking: a service manager that stopped reading (its queue holds only
+    # net.unix.max_dgram_qlen datagrams) must not stall the loop whose progress we report.
+    kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+    with socket.socket(socket.AF_UNIX, kind) as sock:
         sock.sendto("".join(lines).encode(), address)
     return True
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -298,3 +300,60 @@ def check_recorded_dataset(root: Path) -> list[int]:
         lengths.append(length)
     assert len(dataset) == sum(lengths)
     return lengths
+
+
+# -- systemd (tests/test_sdnotify.py, the daemons' tests) ---------------------------------------
+class FakeSystemd:
+    """The receiving end of ``$NOTIFY_SOCKET``: every datagram, split into ``KEY=value`` lines."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        bind_to = b"\0" + address[1:].encode() if address.startswith("@") else address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(bind_to)
+
+    def receive(self, timeout_s: float) -> list[str]:
+        """Lines of the next datagram, or [] if none came within ``timeout_s``."""
+        self.sock.settimeout(timeout_s)
+        try:
+            return self.sock.recv(4096).decode().splitlines()
+        except TimeoutError:
+            return []
+
+    def until(self, line: str, timeout_s: float) -> list[str]:
+        """Every line received until (and including) ``line``; fails after ``timeout_s``."""
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout_s
+        while line not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {line!r} within {timeout_s}s; got {seen}"
+            seen += self.receive(left)
+        return seen
+
+    def during(self, seconds: float) -> list[str]:
+        """Every line received in the next ``seconds``."""
+        seen: list[str] = []
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            seen += self.receive(left)
+        return seen
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
+    with tempfile.TemporaryDirectory(prefix="zk0-sd-", dir="/tmp") as folder:
+        yield Path(folder)
+
+
+@pytest.fixture
+def systemd(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSystemd]:
+    fake = FakeSystemd(str(short_dir / "notify.sock"))
+    monkeypatch.setenv("NOTIFY_SOCKET", fake.address)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    yield fake
+    fake.close()

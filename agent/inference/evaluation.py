@@ -10,6 +10,7 @@ wall-clock cap.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,8 +80,13 @@ def open_session(
     backend: BackendName = "torch",
     wait_for_onnx: bool = True,
     threads: int = 1,
+    robot: Any | None = None,
 ) -> Iterator[Session]:
-    """Connect the arm (real-time mode), load policy and adapter, start the engine."""
+    """Connect the arm (real-time mode), load policy and adapter, start the engine.
+
+    A daemon that owns the arm passes its ``robot``; the session connects it if needed and
+    disconnects it when it closes.
+    """
     from zk0.agent.inference.onnx_export import OnnxExport, signature_of
     from zk0.agent.robots import make_robot
     from zk0.shared.policy_factory import build_policy
@@ -95,7 +101,7 @@ def open_session(
     inference = InferencePolicy(loaded.policy, copy_policy=False)  # the slot took its weights
     if adapter is not None:
         slot.load(adapter)
-    arm = RealTimeArm(make_robot(config), config.fps)
+    arm = RealTimeArm(make_robot(config) if robot is None else robot, config.fps)
     arm.connect()
     engine: InferenceEngine | None = None
     export: OnnxExport | None = None
@@ -182,14 +188,21 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def evaluate(
-    session: Session, episodes: int, horizon_s: float | None = None, mode: Mode | None = None
+    session: Session,
+    episodes: int,
+    horizon_s: float | None = None,
+    mode: Mode | None = None,
+    stop: threading.Event | None = None,
 ) -> EvalReport:
-    """``episodes`` closed-loop episodes (episode ``i`` is the arm's task variant ``i``)."""
+    """``episodes`` closed-loop episodes (episode ``i`` is the arm's task variant ``i``); a
+    set ``stop`` ends the series after the episode in progress."""
     config = session.robot_config
     mode = mode or session.engine.config.mode
     horizon_steps = round((horizon_s or config.episode_time_s) * config.fps)
     results = []
     for index in range(episodes):
+        if stop is not None and stop.is_set():
+            break
         result = session.engine.run_episode(index, horizon_steps, mode=mode)
         logger.info(
             "episode {}: success {}, {:.2f} s, {} chunks, {} starved ticks",

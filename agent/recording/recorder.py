@@ -90,10 +90,18 @@ class RecordResult:
 
 
 class _Stop:
-    """SIGTERM/SIGINT handling: the first asks to stop, a second Ctrl-C aborts."""
+    """SIGTERM/SIGINT handling: the first asks to stop, a second Ctrl-C aborts. A daemon that
+    records in a worker thread (no signal handlers there) asks through ``event`` instead."""
 
-    def __init__(self) -> None:
-        self.requested: str | None = None
+    def __init__(self, event: threading.Event | None = None) -> None:
+        self._requested: str | None = None
+        self._event = event
+
+    @property
+    def requested(self) -> str | None:
+        if self._requested is None and self._event is not None and self._event.is_set():
+            return "a stop request"
+        return self._requested
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -101,12 +109,12 @@ class _Stop:
             raise KeyboardInterrupt
         if self.requested is None:
             logger.warning("{}: finishing this episode and closing the dataset", name)
-        self.requested = name
+        self._requested = name
 
 
 @contextmanager
-def _stop_on_signals() -> Iterator[_Stop]:
-    stop = _Stop()
+def _stop_on_signals(event: threading.Event | None) -> Iterator[_Stop]:
+    stop = _Stop(event)
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
@@ -132,13 +140,16 @@ def record_episodes(
     max_dropped_in_a_row: int = 3,
     image_writer_threads: int = 4,
     on_episode: Callable[[EpisodeSummary], None] | None = None,
+    robot: Any | None = None,
+    stop: threading.Event | None = None,
 ) -> RecordResult:
     """Record ``episodes`` more episodes into the dataset at ``root``; returns what happened.
 
     The dataset is created if missing; an existing one needs ``resume=True`` and the same
     features. Times default to the robot config's. Dropped episodes are re-recorded, up to
     ``max_dropped_in_a_row`` in a row. ``image_writer_threads``: LeRobot's background PNG
-    writers (0: in the control loop).
+    writers (0: in the control loop). A daemon passes the ``robot`` it keeps connected (it
+    stays connected) and a ``stop`` event, which ends recording like SIGTERM does.
     """
     config = load_robot_config(robot_config) if isinstance(robot_config, Path) else robot_config
     task = config.task if task is None else task
@@ -147,21 +158,23 @@ def record_episodes(
         raise ValueError(f"episodes: must be at least 1, got {episodes}")
     episode_s = config.episode_time_s if episode_time_s is None else episode_time_s
     reset_s = config.reset_time_s if reset_time_s is None else reset_time_s
-    robot = make_robot(config)
+    owns_robot = robot is None
+    robot = make_robot(config) if robot is None else robot
     teleop = make_teleoperator(config, robot)
     features = dataset_features(robot, teleop)
     limits = CheckLimits(fps=config.fps, max_task_chars=config.max_task_chars)
     writer = EpisodeWriter(
         root, features, config.fps, config.robot.type, resume, repo_id, image_writer_threads
     )
-    with writer, _stop_on_signals() as stop, Progress(episodes, enabled=progress) as bar:
+    with writer, _stop_on_signals(stop) as stopping, Progress(episodes, enabled=progress) as bar:
         result = RecordResult(writer.root, writer.repo_id, writer.num_episodes)
-        robot.connect(calibrate=False)
+        if owns_robot:
+            robot.connect(calibrate=False)
         try:
             teleop.connect(calibrate=False)
-            loop = _Loop(robot, teleop, writer, limits, task, stop, bar)
+            loop = _Loop(robot, teleop, writer, limits, task, stopping, bar)
             dropped = 0
-            while len(result.saved) < episodes and stop.requested is None:
+            while len(result.saved) < episodes and stopping.requested is None:
                 summary = loop.episode(round(episode_s * config.fps))
                 result.episodes.append(summary)
                 (logger.info if summary.saved else logger.warning)(summary.describe())
@@ -173,14 +186,15 @@ def record_episodes(
                         f"{dropped} episodes in a row failed the data checks "
                         f"(last: {summary.reason})"
                     )
-                if len(result.saved) < episodes and reset_s > 0 and stop.requested is None:
+                if len(result.saved) < episodes and reset_s > 0 and stopping.requested is None:
                     loop.run(round(reset_s * config.fps), record=False)
         finally:
             if teleop.is_connected:
                 teleop.disconnect()
-            robot.disconnect()
+            if owns_robot:
+                robot.disconnect()
         result.total_episodes = writer.num_episodes
-        result.stopped_by = stop.requested
+        result.stopped_by = stopping.requested
     logger.info(
         "dataset {}: {} episodes ({} new){}",
         result.root,

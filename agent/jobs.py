@@ -1,0 +1,93 @@
+"""The arm's jobs in the agent daemon (a recording, a task under the policy), one at a time.
+
+A job runs in its own thread so the daemon's main loop keeps answering and pinging the
+watchdog; its progress, result or one-line error stay readable through ``status``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from itertools import count
+from typing import Any
+
+from loguru import logger
+
+_ids = count(1)
+
+
+class Job:
+    def __init__(self, kind: str, work: Callable[[Job], dict[str, Any]]) -> None:
+        self.id = next(_ids)
+        self.kind, self.work = kind, work
+        self.stop = threading.Event()
+        self.state = "running"  # running, done, failed
+        self.started_at = time.time()
+        self.ended_at: float | None = None
+        self.progress: list[str] = []
+        self.result: dict[str, Any] | None = None
+        self.error: str | None = None
+
+    def report(self, line: str) -> None:
+        self.progress.append(line)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "state": self.state,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "progress": self.progress[-20:],
+            "result": self.result,
+            "error": self.error,
+        }
+
+
+class JobRunner:
+    """Runs one job at a time; ``on_end`` frees the arm when a job ends, however it ends;
+    ``on_stop`` ends an episode under the policy at once when a stop is asked for."""
+
+    def __init__(self, on_end: Callable[[], None], on_stop: Callable[[], None]) -> None:
+        self.on_end, self.on_stop = on_end, on_stop
+        self.current: Job | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, job: Job) -> None:
+        self.current = job
+        self._thread = threading.Thread(target=self._run, args=(job,), name=f"job-{job.kind}")
+        self._thread.start()
+
+    def _run(self, job: Job) -> None:
+        logger.info("job {} ({}) started", job.id, job.kind)
+        try:
+            job.result = job.work(job)
+            job.state = "done"
+            logger.info("job {} ({}) done: {}", job.id, job.kind, job.result)
+        except Exception as error:
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            job.error = f"{type(error).__name__}: {first_line}"
+            job.state = "failed"
+            logger.exception("job {} ({}) failed", job.id, job.kind)
+        finally:
+            job.ended_at = time.time()
+            self.on_end()
+
+    def describe(self) -> dict[str, Any] | None:
+        return self.current.describe() if self.current is not None else None
+
+    def stop_current(self) -> bool:
+        """Ask the running job to stop: a recording saves its episode, a task ends its episode."""
+        job = self.current
+        if job is None or job.state != "running":
+            return False
+        job.stop.set()
+        self.on_stop()
+        return True
+
+    def stop(self, timeout_s: float = 25.0) -> None:
+        """Stop the running job and wait for it (the daemon is stopping)."""
+        self.stop_current()
+        if self._thread is not None:
+            self._thread.join(timeout_s)

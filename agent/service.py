@@ -1,0 +1,320 @@
+"""``zk0-agent run``: the robot-workstation daemon.
+
+It owns the arm's connection and composes everything else around it:
+
+* the **inference session** (base policy, the newest verified adapter, the asynchronous
+  engine), kept warm for the daemon's life; new versions are hot-swapped into it;
+* the **adapter subscriber** (ZeroMQ, CURVE), which fetches every version the hub publishes
+  and reports this agent's state, versions and new episodes to the hub;
+* a supervised **Flower SuperNode** child (``flower-supernode``), restarted with back-off
+  when it exits and killed with the daemon (``PR_SET_PDEATHSIG``);
+* the **control socket** (:mod:`zk0.shared.control`) for the local CLI and for the ClientApp,
+  which asks for the compute before every round (:mod:`zk0.agent.arbiter` decides).
+
+Control commands (``zk0-agent status|record|run-task|stop-job|rollback``): ``status``;
+``record`` {episodes}; ``run_task`` {episodes, horizon_s}; ``stop_job``; ``rollback``;
+``compute_begin`` {pid, round, phase} -> {granted, reason}; ``compute_end`` {pid}.
+
+Under systemd: ``READY=1`` once the arm is connected and the policy (the stored adapter, or
+the base on a first boot) is loaded and warm, ``WATCHDOG=1`` from the main loop's progress,
+``STATUS=`` on every change; SIGTERM stops the job in progress (a recording saves the episode
+it was in), then the SuperNode, the subscriber and the engine, and exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from zk0.agent.arbiter import AgentState, Arbiter
+from zk0.agent.jobs import Job, JobRunner
+from zk0.agent.ledger import Ledger, dataset_size
+from zk0.shared.config import AgentConfig, AgentKeys
+from zk0.shared.control import ControlServer, Refused
+from zk0.shared.logs import OUTPUTS_ENV, new_run_dir, setup_logging
+from zk0.shared.processes import Supervised, free_port
+from zk0.shared.sdnotify import Watchdog, credential_path, handle_sigterm, notify, service_dirs
+
+LOOP_TICK_S = 0.2
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _credential_keys(keys: AgentKeys | None) -> AgentKeys | None:
+    """The key paths systemd handed over (``LoadCredential``), else the configured ones."""
+    if keys is None:
+        return None
+    updates = {
+        name: credential_path(value)
+        for name, value in keys.model_dump().items()
+        if isinstance(value, Path)
+    }
+    return keys.model_copy(update=updates)
+
+
+class AgentService:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config.model_copy(update={"keys": _credential_keys(config.keys)})
+        self.robot_config = config.load_robot_config()
+        self.dataset_root = config.dataset_root(self.robot_config)
+        self.arbiter = Arbiter()
+        self.lock = threading.Lock()
+        self.ledger = Ledger(config.data_root / "agent_state.json")
+        self.jobs = JobRunner(self._end_arm_job, lambda: self.session.engine.end_episode())
+        self._status_line = ""
+
+    # -- the daemon -------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Start everything, serve until SIGTERM, stop everything (exit 0)."""
+        faulthandler.enable()
+        stop = handle_sigterm(raise_exit=False)
+        logs, state = service_dirs(
+            Path(os.environ.get(OUTPUTS_ENV, "outputs")), self.config.data_root
+        )
+        run_dir = new_run_dir(logs)
+        setup_logging(run_dir, "agent", self.config.agent_id)
+        self.state_dir = state
+        self.log_dir = run_dir / "agents" / self.config.agent_id
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_CACHE", str(state / "hf-datasets"))
+        import torch
+
+        torch.set_num_threads(self.config.torch_threads)
+        watchdog = Watchdog.from_env()
+        with contextlib.ExitStack() as stack:
+            notify(STATUS="connecting the arm and loading the policy")
+            self._open_session(stack)
+            self.subscriber = self._start_subscriber(stack)
+            self.supernode = self._start_supernode(stack)
+            self.control = ControlServer(
+                self.config.control_socket_path, self._handlers(), "zk0-agent"
+            ).start()
+            stack.callback(self.control.close)
+            stack.callback(self.jobs.stop)
+            notify(READY=1, STATUS=self._describe())
+            logger.info("agent {} ready: {}", self.config.agent_id, self._describe())
+            try:
+                while not stop.is_set():
+                    self.control.serve(LOOP_TICK_S)
+                    self._turn()
+                    watchdog.progress()
+            except Exception:
+                logger.exception("the main loop failed; stopping (systemd restarts the agent)")
+                raise
+            notify(STOPPING=1, STATUS="stopping")
+            logger.info("SIGTERM: stopping")
+
+    def _open_session(self, stack: contextlib.ExitStack) -> None:
+        from zk0.agent.distribution.subscriber import ADAPTERS_DIR
+        from zk0.agent.inference.evaluation import open_session
+        from zk0.agent.robots import make_robot
+        from zk0.shared.store import AdapterStore
+
+        robot = make_robot(self.robot_config)
+        robot.connect(calibrate=False)
+        store = AdapterStore(self.config.data_root / ADAPTERS_DIR)
+        stored = store.load_current()
+        adapter = store.path(stored[0].version) if stored is not None else None
+        self.session = stack.enter_context(
+            open_session(
+                self.robot_config,
+                self.config.policy,
+                adapter=adapter,
+                threads=self.config.torch_threads,
+                robot=robot,
+            )
+        )
+
+    def _start_subscriber(self, stack: contextlib.ExitStack) -> Any:
+        from zk0.agent.distribution.subscriber import AdapterSubscriber
+
+        def offer(version: int, folder: Path, manifest: Any) -> None:
+            if version != self.session.slot.version:  # the stored one is loaded already
+                self.session.engine.offer_adapter(version, folder, manifest)
+
+        subscriber = AdapterSubscriber.from_config(
+            self.config, on_new_version=offer, expected_base_id=self.session.info["base_id"]
+        )
+        stack.enter_context(subscriber)
+        return subscriber
+
+    def _start_supernode(self, stack: contextlib.ExitStack) -> Supervised | None:
+        from zk0.agent.supernode import SuperNode
+
+        keys = self.config.keys
+        if keys is None or keys.supernode_private_key is None or keys.hub_ca_cert is None:
+            logger.warning("no keys.supernode_private_key/hub_ca_cert: not joining federations")
+            return None
+        hub = self.config.hub
+
+        def make() -> Any:
+            return SuperNode(
+                agent_id=self.config.agent_id,
+                superlink=f"{hub.host}:{hub.flower_port}",
+                root_certificates=keys.hub_ca_cert,  # type: ignore[arg-type]
+                private_key=keys.supernode_private_key,  # type: ignore[arg-type]
+                data_root=self.dataset_root,
+                port=free_port(),
+                flwr_home=self.state_dir / "flwr-home",
+                log_dir=self.log_dir,
+                node_options={
+                    "control-socket": str(self.config.control_socket_path.absolute()),
+                    "train-wait-s": self.config.train_wait_s,
+                    "torch-threads": self.config.torch_threads,
+                },
+            ).process
+
+        supervised = Supervised(make)
+        supervised.start()
+        stack.callback(supervised.stop)
+        return supervised
+
+    def _turn(self) -> None:
+        """One bounded turn of the main loop (besides answering the control socket)."""
+        with self.lock:
+            dead = self.arbiter.reap(_alive)
+        if dead is not None:
+            logger.warning("round {} ({}) ended without a reply", dead.server_round, dead.phase)
+        if self.supernode is not None:
+            self.supernode.check()
+        self.subscriber.set_in_use(self.session.slot.version)
+        self.subscriber.set_state(self.arbiter.state.value)
+        self.subscriber.set_episodes(self._new_episodes())
+        line = self._describe()
+        if line != self._status_line:
+            self._status_line = line
+            notify(STATUS=line)
+
+    # -- what the agent reports ---------------------------------------------------------------
+    def _new_episodes(self) -> int:
+        return max(0, dataset_size(self.dataset_root)[0] - self.ledger.episodes_at_last_round)
+
+    def _describe(self) -> str:
+        version = self.session.slot.version
+        adapter = "base" if version is None else f"v{version}"
+        episodes, new = dataset_size(self.dataset_root)[0], self._new_episodes()
+        return f"{self.arbiter.state}, adapter {adapter}, {episodes} episodes ({new} new)"
+
+    def status(self) -> dict[str, Any]:
+        sync = self.subscriber.status()
+        episodes, frames = dataset_size(self.dataset_root)
+        lease = self.arbiter.lease
+        return {
+            "agent_id": self.config.agent_id,
+            "state": self.arbiter.state.value,
+            "applied": sync.applied,
+            "in_use": self.session.slot.version,
+            "sync": sync.sync,
+            "bytes_received": sync.bytes_rx,
+            "dataset": {"root": str(self.dataset_root), "episodes": episodes, "frames": frames},
+            "new_episodes": self._new_episodes(),
+            "last_round": self.ledger.last_round,
+            "training": lease and {"round": lease.server_round, "phase": lease.phase},
+            "supernode": {
+                "running": self.supernode is not None and self.supernode.running,
+                "restarts": self.supernode.restarts if self.supernode is not None else 0,
+            },
+            "job": self.jobs.describe(),
+            "pid": os.getpid(),
+        }
+
+    # -- control handlers ---------------------------------------------------------------------
+    def _handlers(self) -> dict[str, Any]:
+        return {
+            "status": lambda args: self.status(),
+            "record": self._record,
+            "run_task": self._run_task,
+            "stop_job": lambda args: {"stopped": self.jobs.stop_current()},
+            "rollback": self._rollback,
+            "compute_begin": self._compute_begin,
+            "compute_end": self._compute_end,
+        }
+
+    def _start_arm_job(self, kind: AgentState, job: Job) -> dict[str, Any]:
+        with self.lock:
+            try:
+                self.arbiter.start_arm_job(kind)
+            except ValueError as error:
+                raise Refused(str(error)) from None
+        self.jobs.start(job)
+        return {"job": job.describe()}
+
+    def _end_arm_job(self) -> None:
+        with self.lock:
+            self.arbiter.end_arm_job()
+
+    def _record(self, args: dict[str, Any]) -> dict[str, Any]:
+        from zk0.agent.recording import record_episodes
+
+        episodes = int(args.get("episodes", 1))
+        if episodes < 1:
+            raise Refused(f"episodes must be at least 1, got {episodes}")
+
+        def record(job: Job) -> dict[str, Any]:
+            result = record_episodes(
+                self.robot_config,
+                self.dataset_root,
+                episodes,
+                resume=(self.dataset_root / "meta" / "info.json").is_file(),
+                robot=self.session.arm.robot,
+                stop=job.stop,
+                on_episode=lambda summary: job.report(summary.describe()),
+            )
+            return {
+                "saved": len(result.saved),
+                "total_episodes": result.total_episodes,
+                "success_rate": result.success_rate,
+                "stopped_by": result.stopped_by,
+            }
+
+        return self._start_arm_job(AgentState.RECORDING, Job("record", record))
+
+    def _run_task(self, args: dict[str, Any]) -> dict[str, Any]:
+        from zk0.agent.inference.evaluation import evaluate
+
+        episodes = int(args.get("episodes", 1))
+        horizon_s = args.get("horizon_s")
+        if episodes < 1:
+            raise Refused(f"episodes must be at least 1, got {episodes}")
+
+        def run_task(job: Job) -> dict[str, Any]:
+            summary = evaluate(self.session, episodes, horizon_s, stop=job.stop).summary()
+            summary.pop("queue_depth_trace", None)
+            summary["adapter_version"] = self.session.slot.version  # hot swaps since start
+            return summary
+
+        return self._start_arm_job(AgentState.RUNNING_POLICY, Job("run_task", run_task))
+
+    def _rollback(self, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            runtime = self.session.engine.rollback()
+        except ValueError as error:
+            raise Refused(str(error)) from None
+        return {"in_use": runtime.version}
+
+    def _compute_begin(self, args: dict[str, Any]) -> dict[str, Any]:
+        pid, server_round, phase = int(args["pid"]), int(args["round"]), str(args["phase"])
+        with self.lock:
+            reason = self.arbiter.request_compute(pid, server_round, phase, time.time())
+        if reason is None and phase == "train":
+            self.ledger.trained(server_round, dataset_size(self.dataset_root)[0])
+        return {"granted": reason is None, "reason": reason}
+
+    def _compute_end(self, args: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            return {"released": self.arbiter.release_compute(int(args["pid"]))}

@@ -1,0 +1,156 @@
+"""``zk0-agent run``, the robot-workstation daemon, as a real process: systemd notifications,
+its control socket and CLI, recording, the compute arbiter, hot swaps, rollback and SIGTERM.
+
+The hub side is a real distribution server (CURVE) from the distribution rig; the arm is the
+simulated SO-101; the policy is the tiny SmolVLA the rig's adapters were made for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import SIM_ROBOT, FakeSystemd, wait_until
+
+from zk0.shared.config import load_robot_config
+from zk0.shared.control import ControlError, request
+
+BIN = Path(sys.executable).parent
+
+
+def _short_sim(folder: Path) -> Path:
+    robot = load_robot_config(SIM_ROBOT).model_copy(update={"episode_time_s": 1.5})
+    path = folder / "robot.yaml"
+    path.write_text(yaml.safe_dump(robot.model_dump(mode="json", exclude_none=True)))
+    return path
+
+
+@pytest.fixture
+def daemon(rig: Any, short_dir: Path, systemd: FakeSystemd) -> Any:
+    server = rig.start_hub()
+    config = rig.agent_config("arm-01", server).model_copy(
+        update={
+            "policy": "tiny",
+            "robot_config": _short_sim(rig.root),
+            "control_socket": short_dir / "agent.sock",
+        }
+    )
+    path = rig.root / "agent.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True)))
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": systemd.address,
+        "WATCHDOG_USEC": "1000000",
+        "ZK0_RUN_DIR": str(rig.root / "run"),
+    }
+    env.pop("WATCHDOG_PID", None)
+    process = subprocess.Popen(
+        [str(BIN / "zk0-agent"), "run", "--config", str(path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(rig.root / "daemon.stderr").open("wb"),
+    )
+
+    class Daemon:
+        def __init__(self) -> None:
+            self.process, self.config, self.config_path = process, config, path
+            self.rig, self.server, self.socket = rig, server, config.control_socket
+
+        def status(self) -> dict[str, Any]:
+            return request(self.socket, "status")
+
+        def cli(self, *args: str) -> str:
+            result = subprocess.run(
+                [str(BIN / "zk0-agent"), *args, "--config", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr
+            return result.stdout
+
+        def job_done(self) -> dict[str, Any]:
+            wait_until(lambda: self.status()["job"]["state"] != "running", 120, "the job")
+            job: dict[str, Any] = self.status()["job"]
+            assert job["state"] == "done", job
+            return job
+
+    yield Daemon()
+    if process.poll() is None:
+        process.kill()
+    process.wait(30)
+
+
+def test_ready_means_serving_and_the_watchdog_follows_the_loop(
+    daemon: Any, systemd: FakeSystemd
+) -> None:
+    lines = systemd.until("READY=1", timeout_s=180)
+    assert any(line.startswith("STATUS=connecting the arm") for line in lines)
+    status = daemon.status()  # READY came after the control socket was up
+    assert status["state"] == "idle" and status["in_use"] is None
+    assert status["dataset"]["episodes"] == 0
+    assert systemd.during(2.5).count("WATCHDOG=1") >= 2
+    assert "in use base" in daemon.cli("status")
+
+
+def test_the_arm_comes_first_and_versions_hot_swap(daemon: Any, systemd: FakeSystemd) -> None:
+    systemd.until("READY=1", timeout_s=180)
+    version = daemon.rig.new_version()
+    daemon.server.publish(version)
+    wait_until(lambda: daemon.status()["in_use"] == version, 60, "the hot swap")
+
+    assert "recording 2 episodes" in daemon.cli("start-recording", "--episodes", "2", "--no-wait")
+    wait_until(lambda: daemon.status()["state"] == "recording", 30, "recording")
+    refused = request(daemon.socket, "compute_begin", pid=os.getpid(), round=1, phase="train")
+    assert not refused["granted"] and "recording" in refused["reason"]
+    with pytest.raises(ControlError, match="the arm is busy"):
+        request(daemon.socket, "run_task", episodes=1)
+    assert daemon.job_done()["result"]["total_episodes"] == 2
+    assert daemon.status()["new_episodes"] == 2
+
+    granted = request(daemon.socket, "compute_begin", pid=os.getpid(), round=1, phase="train")
+    assert granted["granted"]
+    status = daemon.status()
+    assert status["state"] == "training" and status["new_episodes"] == 0
+    assert status["last_round"]["round"] == 1
+
+    # A task on the arm starts even while a round trains, with the hot-swapped version.
+    request(daemon.socket, "run_task", episodes=1, horizon_s=1.0)
+    result = daemon.job_done()["result"]
+    assert result["episodes"] == 1 and result["adapter_version"] == version
+    assert request(daemon.socket, "compute_end", pid=os.getpid())["released"]
+
+    assert "now running the base policy" in daemon.cli("rollback")
+    assert daemon.status()["in_use"] is None
+
+    # A ClientApp process that dies holding the compute does not block the agent forever.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert request(daemon.socket, "compute_begin", pid=dead.pid, round=2, phase="train")["granted"]
+    wait_until(lambda: daemon.status()["state"] == "idle", 10, "the dead round's lease reaped")
+
+
+def test_sigterm_while_recording_keeps_the_episodes_and_exits_0(
+    daemon: Any, systemd: FakeSystemd
+) -> None:
+    systemd.until("READY=1", timeout_s=180)
+    request(daemon.socket, "record", episodes=50)
+    wait_until(lambda: daemon.status()["dataset"]["episodes"] >= 1, 120, "a recorded episode")
+    systemd.during(0.1)  # room in its queue (systemd reads at once; this fake only now)
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(30) == 0, (daemon.rig.root / "daemon.stderr").read_text()[-2000:]
+    systemd.until("STOPPING=1", timeout_s=5)
+    root = daemon.config.dataset_root(load_robot_config(daemon.config.robot_config))
+    info = json.loads((root / "meta" / "info.json").read_text())
+    assert info["total_episodes"] >= 1
+    assert not Path(daemon.socket).exists()  # the control socket is gone with the daemon
+    with pytest.raises(ControlError, match="no daemon"):
+        request(daemon.socket, "status")
