@@ -29,7 +29,7 @@ from zk0.agent.training import (
 )
 from zk0.shared.config import load_robot_config
 from zk0.shared.features import PolicyFeatures
-from zk0.shared.normalization import to_lerobot
+from zk0.shared.normalization import dumps, to_lerobot
 from zk0.shared.policy_factory import (
     BACKBONE_SCHEME,
     COMMITTED_BASES,
@@ -40,6 +40,8 @@ from zk0.shared.policy_factory import (
 from zk0.shared.sim_variants import BASE_VARIANT, SIM_ROBOT
 
 RECIPE_FILE = "recipe.json"
+#: The normalization the base was pretrained with (its training episodes' statistics).
+BASE_STATS_FILE = "normalization.json"
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,8 @@ def build(
     train_episodes, held_out = split_episodes(recipe.episodes)
     train_set = open_dataset(root, policy.config, train_episodes)
     eval_set = open_dataset(root, policy.config, held_out)
-    preprocessor, _ = make_processors(policy.config, to_lerobot(dataset_stats(train_set)))
+    stats = dataset_stats(train_set)
+    preprocessor, _ = make_processors(policy.config, to_lerobot(stats))
     untrained, _ = evaluate_mse(policy, preprocessor, eval_set, max_frames=64)
     loss = _train_full_expert(policy, preprocessor, train_set, recipe)
     trained, frames = evaluate_mse(policy, preprocessor, eval_set, max_frames=64)
@@ -109,4 +112,5 @@ def build(
         "weights_sha256": hashlib.sha256((out_dir / "model.safetensors").read_bytes()).hexdigest(),
     }
     (out_dir / RECIPE_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / BASE_STATS_FILE).write_bytes(dumps(stats))
     return report

@@ -14,7 +14,6 @@ from typing import Any
 
 from zk0.shared.fsutil import atomic_write_bytes
 
-
 _last_read: dict[Path, tuple[int, int]] = {}
 
 

@@ -37,7 +37,7 @@ from zk0.agent.arbiter import AgentState, Arbiter
 from zk0.agent.jobs import Job, JobRunner
 from zk0.agent.ledger import Ledger, dataset_size
 from zk0.shared.config import AgentConfig, AgentKeys
-from zk0.shared.control import ControlServer, Refused
+from zk0.shared.control import ControlServer, RefusedError
 from zk0.shared.logs import OUTPUTS_ENV, new_run_dir, setup_logging
 from zk0.shared.processes import Supervised, free_port
 from zk0.shared.sdnotify import Watchdog, credential_path, handle_sigterm, notify, service_dirs
@@ -250,7 +250,7 @@ class AgentService:
             try:
                 self.arbiter.start_arm_job(kind)
             except ValueError as error:
-                raise Refused(str(error)) from None
+                raise RefusedError(str(error)) from None
         self.jobs.start(job)
         return {"job": job.describe()}
 
@@ -263,7 +263,7 @@ class AgentService:
 
         episodes = int(args.get("episodes", 1))
         if episodes < 1:
-            raise Refused(f"episodes must be at least 1, got {episodes}")
+            raise RefusedError(f"episodes must be at least 1, got {episodes}")
 
         def record(job: Job) -> dict[str, Any]:
             result = record_episodes(
@@ -290,7 +290,7 @@ class AgentService:
         episodes = int(args.get("episodes", 1))
         horizon_s = args.get("horizon_s")
         if episodes < 1:
-            raise Refused(f"episodes must be at least 1, got {episodes}")
+            raise RefusedError(f"episodes must be at least 1, got {episodes}")
 
         def run_task(job: Job) -> dict[str, Any]:
             summary = evaluate(self.session, episodes, horizon_s, stop=job.stop).summary()
@@ -304,7 +304,7 @@ class AgentService:
         try:
             runtime = self.session.engine.rollback()
         except ValueError as error:
-            raise Refused(str(error)) from None
+            raise RefusedError(str(error)) from None
         return {"in_use": runtime.version}
 
     def _compute_begin(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -241,12 +241,21 @@ def demo(
     episodes: Annotated[int, typer.Option(min=2, help="Episodes each agent records.")] = 8,
     policy: PolicyOption = "tiny-sim-base",
     outputs: Annotated[Path, typer.Option(help="Root of the run folders.")] = Path("outputs"),
+    chaos_kill_round: Annotated[
+        int | None,
+        typer.Option(help="SIGKILL the first agent while it trains in this round (it restarts)."),
+    ] = None,
 ) -> None:
     """A hub and simulated agents on loopback: record, federate, push, evaluate (offline)."""
-    # The umbrella CLI reaches into the hub package here: the demo runs the hub in-process.
+    # The umbrella CLI reaches into the hub package here: the demo drives the hub's daemons.
     demo_module = importlib.import_module("zk0.hub.demo")
     options = demo_module.DemoOptions(
-        agents=agents, rounds=rounds, episodes=episodes, policy=policy, outputs=outputs
+        agents=agents,
+        rounds=rounds,
+        episodes=episodes,
+        policy=policy,
+        outputs=outputs,
+        chaos_kill_round=chaos_kill_round,
     )
     demo_module.run_demo(options)
 

@@ -37,7 +37,7 @@ class ControlError(RuntimeError):
     """The daemon is not there, did not answer, or refused the request (one line)."""
 
 
-class Refused(ValueError):
+class RefusedError(ValueError):
     """Raised by a handler: the request is understood but refused now; the text says why."""
 
 
@@ -91,18 +91,18 @@ class ControlServer:
         try:
             message = json.loads(body)
             if not isinstance(message, dict) or message.get("v") != PROTOCOL_VERSION:
-                raise Refused(f"expected a control message of version {PROTOCOL_VERSION}")
+                raise RefusedError(f"expected a control message of version {PROTOCOL_VERSION}")
             command, args = message.get("cmd"), message.get("args") or {}
             if command == "ping":
                 return {"v": PROTOCOL_VERSION, "ok": True, "result": {"name": self.name}}
             handler = self.handlers.get(str(command))
             if handler is None:
                 known = ", ".join(sorted(self.handlers))
-                raise Refused(f"unknown command {command!r} (known: {known})")
+                raise RefusedError(f"unknown command {command!r} (known: {known})")
             if not isinstance(args, dict):
-                raise Refused("args must be an object")
+                raise RefusedError("args must be an object")
             return {"v": PROTOCOL_VERSION, "ok": True, "result": handler(args)}
-        except (Refused, ValueError, KeyError, TypeError) as error:
+        except (RefusedError, ValueError, KeyError, TypeError) as error:
             return {"v": PROTOCOL_VERSION, "ok": False, "error": str(error).splitlines()[0]}
         except Exception as error:  # a bug in a handler must not take the daemon down
             logger.exception("control command failed")

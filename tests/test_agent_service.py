@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import SIM_ROBOT, FakeSystemd, wait_until
 
+from conftest import SIM_ROBOT, FakeSystemd, wait_until
 from zk0.shared.config import load_robot_config
 from zk0.shared.control import ControlError, request
 

@@ -28,7 +28,7 @@ from zk0.hub.enrolment import (
     store_node_key,
 )
 from zk0.hub.scheduler import AgentView, Idle, ManualRequest, RunPlan, decide
-from zk0.hub.supervisor import _descendants
+from zk0.hub.supervisor import descendants
 from zk0.shared.config import ConfigError, RunsConfig, load_hub_config
 from zk0.shared.distribution.keys import AllowList, create_keypair
 from zk0.shared.flower_keys import make_node_keypair
@@ -427,7 +427,7 @@ def test_hub_daemon_ready_status_enrolment_and_sigterm(short_dir: Path) -> None:
             60,
             "flwr run to submit the run",
         )
-        children = _descendants(daemon.pid)
+        children = descendants(daemon.pid)
         assert superlink_pid in children
 
         started = time.monotonic()

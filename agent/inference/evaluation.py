@@ -42,12 +42,17 @@ def load_stats(path: Path) -> DatasetStats:
 
 def base_task_feature_stats(policy_config: Any) -> Stats:
     """The normalization ``tiny-sim-base`` was pretrained with: its training episodes' stats
-    (recorded once into the episode cache by ``zk0 base build``; recorded now if missing)."""
-    from zk0.agent.base_builder import RECIPE
+    (``zk0 base build`` ships them with the base; recomputed from the episodes if missing)."""
+    from zk0.agent.base_builder import BASE_STATS_FILE, RECIPE
     from zk0.agent.episode_cache import recorded
     from zk0.agent.training import dataset_stats, open_dataset, split_episodes
+    from zk0.shared.normalization import loads
+    from zk0.shared.policy_factory import COMMITTED_BASES
     from zk0.shared.sim_variants import BASE_VARIANT
 
+    shipped = COMMITTED_BASES / BASE_WITH_TASK_STATS / BASE_STATS_FILE
+    if shipped.is_file():
+        return loads(shipped.read_bytes())
     root = recorded("base", BASE_VARIANT, RECIPE.episodes, RECIPE.episode_time_s)
     train, _ = split_episodes(RECIPE.episodes)
     return dataset_stats(open_dataset(root, policy_config, train))
