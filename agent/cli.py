@@ -269,47 +269,6 @@ def evaluate_policy(
     typer.echo(report.describe())
 
 
-@app.command("supernode")
-def supernode(
-    config: Annotated[Path, typer.Option("--config", help="agent.yaml")],
-    dataset: Annotated[Path, typer.Option(help="The LeRobot dataset this agent trains on.")],
-    port: Annotated[int, typer.Option(help="Local port of the SuperNode's runtime API.")] = 9094,
-) -> None:
-    """Run this agent's Flower SuperNode (TLS, node key) until SIGTERM."""
-    import signal
-    import threading
-
-    from zk0.agent.supernode import SuperNode
-    from zk0.shared.logs import new_run_dir, setup_logging
-
-    agent = load_agent_config(config)
-    keys = agent.keys
-    if keys is None or keys.supernode_private_key is None or keys.hub_ca_cert is None:
-        raise ValueError(f"{config}: keys.supernode_private_key and keys.hub_ca_cert are required")
-    run_dir = new_run_dir()
-    setup_logging(run_dir, "agent", agent.agent_id)
-    node = SuperNode(
-        agent_id=agent.agent_id,
-        superlink=f"{agent.hub.host}:{agent.hub.flower_port}",
-        root_certificates=keys.hub_ca_cert,
-        private_key=keys.supernode_private_key,
-        data_root=dataset,
-        port=port,
-        flwr_home=agent.data_root / "flwr-home",
-        log_dir=run_dir / "agents" / agent.agent_id,
-    )
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    node.start()
-    try:
-        while not stop.wait(1.0):
-            if not node.process.running:
-                raise RuntimeError(f"flower-supernode exited ({node.process.process.returncode})")  # type: ignore[union-attr]
-    finally:
-        node.stop()
-
-
 register_daemon_commands(app)
 
 

@@ -93,7 +93,7 @@ def _model(run: RunSettings, message: Message) -> tuple[Any, Any]:
 
 
 @contextlib.contextmanager
-def _compute(node: NodeSettings, server_round: int, phase: str) -> Iterator[None]:
+def compute_permission(node: NodeSettings, server_round: int, phase: str) -> Iterator[None]:
     """Hold the agent daemon's permission to use the compute (none needed without a daemon).
 
     The arm and a running policy come first: while the daemon refuses, ask again every
@@ -136,7 +136,7 @@ def query(message: Message, context: Context) -> Message:
 def train(message: Message, context: Context) -> Message:
     run, node = _settings(context)
     server_round = int(message.content[CONFIG_KEY].get("server-round", 0))  # type: ignore[arg-type]
-    with _compute(node, server_round, "train"):
+    with compute_permission(node, server_round, "train"):
         return _train(message, run, node, server_round)
 
 
@@ -174,7 +174,7 @@ def _train(message: Message, run: RunSettings, node: NodeSettings, server_round:
 def evaluate(message: Message, context: Context) -> Message:
     run, node = _settings(context)
     server_round = int(message.content[CONFIG_KEY].get("server-round", 0))  # type: ignore[arg-type]
-    with _compute(node, server_round, "evaluate"):
+    with compute_permission(node, server_round, "evaluate"):
         return _evaluate(message, run, node)
 
 

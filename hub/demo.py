@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -97,8 +98,6 @@ class Demo:
     agents: list[Daemon] = field(default_factory=list)
 
     def _cli(self, *argv: str) -> str:
-        import subprocess
-
         result = subprocess.run(
             [str(BIN / argv[0]), *argv[1:]],
             env=self.env,

@@ -22,7 +22,6 @@ import hashlib
 import json
 import re
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -130,26 +129,6 @@ def remove_node_key(allow_list_dir: Path, agent_id: str) -> Path | None:
         return None
     target.unlink()
     return target
-
-
-def flwr_command(env: dict[str, str]) -> FlwrCommand:
-    """``flwr`` of this venv, in ``env`` (the SuperLink's ``FLWR_HOME`` and connection)."""
-    binary = str(Path(sys.executable).parent / "flwr")
-
-    def run(*args: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
-        try:
-            return subprocess.run(
-                [binary, *args],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            return subprocess.CompletedProcess([binary, *args], 124, "", "flwr timed out")
-
-    return run
 
 
 def _json_reply(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from zk0.hub.history import HISTORY_FILE
 from zk0.hub.scheduler import RunPlan
 from zk0.hub.superlink import CONNECTION
 from zk0.hub.supervisor import HubSuperLink, log_tail
-from zk0.shared.federation import flower_config_arg
 from zk0.shared.fsutil import atomic_write_bytes
 from zk0.shared.logs import RUN_DIR_ENV
 from zk0.shared.processes import ManagedProcess
@@ -79,16 +78,7 @@ class FederatedRun:
         self.started_at = now_iso()
         self._deadline = time.monotonic() + timeout_s
         flwr = str(Path(sys.executable).parent / "flwr")
-        argv = [
-            flwr,
-            "run",
-            str(app_dir),
-            CONNECTION,
-            "--stream",
-            "--run-config",
-            flower_config_arg(run_config),
-            *link.run_options(),
-        ]
+        argv = [flwr, *link.run_args(app_dir, run_config)]
         self.process = ManagedProcess(f"flwr-run[{index}]", argv, link.env, run_dir / RUN_LOG)
         self._timed_out = False
         self._completed = 0
@@ -158,7 +148,7 @@ class FederatedRun:
         if run_id is not None and self.process.running:
             # Killing ``flwr run`` alone would leave the ServerApp running on the SuperLink.
             try:
-                result = self.link._flwr("stop", str(run_id), CONNECTION, timeout_s=15.0)
+                result = self.link.flwr("stop", str(run_id), CONNECTION, timeout_s=15.0)
             except subprocess.TimeoutExpired:
                 logger.warning("flwr stop {} did not answer", run_id)
             else:

@@ -57,7 +57,7 @@ from typing import Any
 from loguru import logger
 
 from zk0.hub.distribution import DistributionServer
-from zk0.hub.enrolment import REGISTRY_FILE, Enrolment, flwr_command
+from zk0.hub.enrolment import REGISTRY_FILE, Enrolment
 from zk0.hub.runs import RUNS_FILE, FederatedRun, RunBook, RunOutcome, now_iso, run_folder
 from zk0.hub.scheduler import AgentView, Idle, ManualRequest, RunPlan, decide
 from zk0.hub.superlink import CONNECTION, SuperLinkSettings
@@ -127,7 +127,7 @@ class HubService:
         link = HubSuperLink(settings, self.state_dir / "flwr-home", self.log_dir / "hub")
         self.supervisor = SuperLinkSupervisor(link)
         self.enrolment = Enrolment(
-            self.keys.allow_list_dir, self.state_dir / REGISTRY_FILE, flwr_command(link.env)
+            self.keys.allow_list_dir, self.state_dir / REGISTRY_FILE, link.flwr
         )
         self.control: ControlServer | None = None
         self.distribution: DistributionServer | None = None

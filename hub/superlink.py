@@ -78,7 +78,11 @@ class _ManagedSuperLink(ABC):
         self, app_dir: Path, run_config: dict[str, Any], timeout_s: float
     ) -> subprocess.CompletedProcess[str]:
         """Submit the zk0 Flower App and stream it to completion (``flwr run --stream``)."""
-        return self._flwr(
+        return self.flwr(*self.run_args(app_dir, run_config), timeout_s=timeout_s)
+
+    def run_args(self, app_dir: Path, run_config: dict[str, Any]) -> list[str]:
+        """``flwr`` arguments that submit the zk0 Flower App and stream its log."""
+        return [
             "run",
             str(app_dir),
             CONNECTION,
@@ -86,23 +90,22 @@ class _ManagedSuperLink(ABC):
             "--run-config",
             flower_config_arg(run_config),
             *self.run_options(),
-            timeout_s=timeout_s,
-        )
+        ]
 
     def run_options(self) -> list[str]:
         """Further ``flwr run`` options this kind of SuperLink needs."""
         return []
 
-    def _flwr(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
-        flwr = str(Path(sys.executable).parent / "flwr")
-        return subprocess.run(
-            [flwr, *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
+    def flwr(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """A ``flwr`` command (the venv's) through this SuperLink's connection; one that runs
+        past ``timeout_s`` is killed and returns 124, as timeout(1) does."""
+        argv = [str(Path(sys.executable).parent / "flwr"), *args]
+        try:
+            return subprocess.run(
+                argv, env=self.env, capture_output=True, text=True, timeout=timeout_s, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess(argv, 124, "", f"flwr timed out after {timeout_s} s")
 
     def stop(self) -> None:
         self.process.stop()
@@ -133,7 +136,7 @@ class SuperLink(_ManagedSuperLink):
 
     def register(self, public_key: Path, name: str) -> None:
         """Admit the SuperNode holding ``public_key``'s private half (an agent's node key)."""
-        result = self._flwr("supernode", "register", str(public_key), CONNECTION, "--name", name)
+        result = self.flwr("supernode", "register", str(public_key), CONNECTION, "--name", name)
         if result.returncode != 0 and "already" not in result.stdout + result.stderr:
             raise RuntimeError(
                 f"registering {name}'s node key failed: {result.stderr.strip()[-300:]}"

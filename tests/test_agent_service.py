@@ -19,8 +19,10 @@ import pytest
 import yaml
 
 from conftest import SIM_ROBOT, FakeSystemd, wait_until
+from zk0.agent.client_app import compute_permission
 from zk0.shared.config import load_robot_config
 from zk0.shared.control import ControlError, request
+from zk0.shared.federation import NodeSettings
 
 BIN = Path(sys.executable).parent
 
@@ -144,11 +146,20 @@ def test_sigterm_while_recording_keeps_the_episodes_and_exits_0(
     systemd.until("READY=1", timeout_s=180)
     request(daemon.socket, "record", episodes=50)
     wait_until(lambda: daemon.status()["dataset"]["episodes"] >= 1, 120, "a recorded episode")
+
+    # A federated round gives up after train-wait-s while the arm records (the hub drops it).
+    root = daemon.config.dataset_root(load_robot_config(daemon.config.robot_config))
+    node = NodeSettings(
+        agent_id="arm-01", data_root=root, control_socket=str(daemon.socket), train_wait_s=1.5
+    )
+    refused = r"busy for 2 s \(the arm is recording\); skipping round 3"
+    with pytest.raises(RuntimeError, match=refused), compute_permission(node, 3, "train"):
+        pytest.fail("the round trained while the arm was recording")
+
     systemd.during(0.1)  # room in its queue (systemd reads at once; this fake only now)
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.process.wait(30) == 0, (daemon.rig.root / "daemon.stderr").read_text()[-2000:]
     systemd.until("STOPPING=1", timeout_s=5)
-    root = daemon.config.dataset_root(load_robot_config(daemon.config.robot_config))
     info = json.loads((root / "meta" / "info.json").read_text())
     assert info["total_episodes"] >= 1
     assert not Path(daemon.socket).exists()  # the control socket is gone with the daemon

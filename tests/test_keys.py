@@ -113,6 +113,11 @@ def test_enrolment_commands(tmp_path: Path) -> None:
     public = tmp_path / "data" / "keys" / "arm-1.key"
     assert _mode(tmp_path / "data" / "keys" / "arm-1.key_secret") == 0o600
     assert "zk0-hub keys add arm-1" in made.stdout
+    # The second pair: Flower SuperNode authentication (ECDSA, OpenSSH format).
+    assert _mode(tmp_path / "data" / "keys" / "arm-1.supernode") == 0o600
+    node_public = (tmp_path / "data" / "keys" / "arm-1.supernode.pub").read_text()
+    assert node_public.startswith("ecdsa-sha2-nistp384 ")
+    assert "--supernode-key arm-1.supernode.pub" in made.stdout
     shown = _run("zk0-agent", "keys", "show", "--config", str(agent_yaml))
     assert shown.returncode == 0 and made.stdout.split()[3].rstrip(":") in shown.stdout
     again = _run("zk0-agent", "keys", "init", "--config", str(agent_yaml))
