@@ -30,14 +30,14 @@ from loguru import logger
 from zk0.hub.aggregation import Arrays
 from zk0.hub.history import EvalHistory
 from zk0.hub.strategy import LoRAFedAvg, agent_of, to_numpy, to_record
-from zk0.shared.artifact import TENSORS_FILE, ArtifactError, save_adapter
+from zk0.shared.artifact import TENSORS_FILE, ArtifactError, save_adapter, save_adapter_arrays
 from zk0.shared.config import load_robot_config
 from zk0.shared.features import PolicyFeatures
 from zk0.shared.federation import CONFIG_KEY, EVAL_MSE, NORMALIZATION, STATS_KEY, RunSettings
 from zk0.shared.logs import new_run_dir, setup_logging
-from zk0.shared.lora import adapter_state, apply_lora, load_adapter_state
+from zk0.shared.lora import adapter_state, apply_lora
 from zk0.shared.normalization import NORMALIZATION_FILE, Stats, combine_all, dumps, loads
-from zk0.shared.policy_factory import build_policy
+from zk0.shared.policy_factory import build_policy, resolve_base
 from zk0.shared.store import AdapterStore
 
 app = ServerApp()
@@ -47,43 +47,60 @@ class Publisher:
     """Turns aggregated arrays into verified store versions (the hub's half of the artifact)."""
 
     def __init__(self, settings: RunSettings, store: AdapterStore) -> None:
-        features = PolicyFeatures.from_robot_config(load_robot_config(settings.robot_config_path))
-        loaded = build_policy(settings.policy, features, device="cpu")
-        self.base = loaded.base
+        self.features = PolicyFeatures.from_robot_config(
+            load_robot_config(settings.robot_config_path)
+        )
+        self.settings = settings
+        self.base = resolve_base(settings.policy, self.features)
         self.lora = settings.lora
-        self.peft_model = apply_lora(loaded.policy, self.lora, loaded.base.name_or_path)
         self.store = store
+
+    def fresh_adapter(self, stats: Stats) -> tuple[int, Arrays]:
+        """Version 0: a freshly initialised adapter carrying the shared normalization. The
+        only time the hub builds the policy: later versions are written from arrays."""
+        loaded = build_policy(self.settings.policy, self.features, device="cpu")
+        peft_model = apply_lora(loaded.policy, self.lora, loaded.base.name_or_path)
+        with self.store.allocate() as (version, path):
+            save_adapter(
+                peft_model,
+                path,
+                version=version,
+                base=loaded.base,
+                lora=self.lora,
+                round_=0,
+                extra_files={NORMALIZATION_FILE: dumps(stats)},
+            )
+        self._announce(version, 0)
+        return version, {k: v.numpy() for k, v in adapter_state(peft_model).items()}
 
     def publish(
         self,
         arrays: Arrays,
         stats: Stats,
-        parent: int | None,
+        parent: int,
         round_: int | None,
         metrics: dict[str, Any],
     ) -> int:
-        import torch
-
-        load_adapter_state(
-            self.peft_model, {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
-        )
+        """A new version: ``parent``'s adapter with the aggregated ``arrays``."""
         with self.store.allocate() as (version, path):
-            save_adapter(
-                self.peft_model,
+            save_adapter_arrays(
+                self.store.path(parent),
                 path,
+                arrays,
                 version=version,
                 parent_version=parent,
-                base=self.base,
-                lora=self.lora,
                 round_=round_,
                 metrics=metrics,
                 extra_files={NORMALIZATION_FILE: dumps(stats)},
             )
+        self._announce(version, round_)
+        return version
+
+    def _announce(self, version: int, round_: int | None) -> None:
         manifest = self.store.set_current(version)
         logger.info(
             "published version {} ({}…), round {}", version, manifest.artifact_id[:12], round_
         )
-        return version
 
     def starting_point(self) -> tuple[int, int, Arrays, Stats] | None:
         """(version, round, arrays, stats) of the store's current version, if any."""
@@ -153,8 +170,7 @@ def main(grid: Grid, context: Context) -> None:
     start = publisher.starting_point()
     if start is None:
         stats = gather_stats(grid, nodes, settings.round_timeout_s)
-        fresh = {k: v.numpy() for k, v in adapter_state(publisher.peft_model).items()}
-        version = publisher.publish(fresh, stats, parent=None, round_=0, metrics={})
+        version, fresh = publisher.fresh_adapter(stats)
         start = (version, 0, fresh, stats)
     version, first_round, arrays, stats = start
     logger.info(

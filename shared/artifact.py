@@ -135,26 +135,85 @@ def save_adapter(
         (staging / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
         for name, data in (extra_files or {}).items():
             (staging / name).write_bytes(data)
-        manifest = Manifest(
-            version=version,
-            parent_version=parent_version,
-            base=BaseEntry(spec=base.spec, name_or_path=base.name_or_path, id=base.base_id),
-            lora=lora,
-            round=round_,
-            created_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
-            files={
-                path.name: FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
-                for path in sorted(staging.iterdir())
-            },
-            tensors=safetensors_header(staging / TENSORS_FILE),
-            metrics=metrics or {},
-        )
-        (staging / MANIFEST).write_bytes(manifest.canonical_bytes())
-        (staging / ID_FILE).write_text(manifest.artifact_id + "\n")
-        publish_dir(staging, out_dir)
+        base_entry = BaseEntry(spec=base.spec, name_or_path=base.name_or_path, id=base.base_id)
+        return _seal(staging, out_dir, version, parent_version, base_entry, lora, round_, metrics)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def save_adapter_arrays(
+    template: Path,
+    out_dir: Path,
+    tensors: dict[str, Any],
+    *,
+    version: int,
+    parent_version: int | None,
+    round_: int | None = None,
+    metrics: dict[str, Metric] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> Manifest:
+    """A new artifact at ``out_dir`` holding ``tensors`` (numpy, PEFT's names), with the base,
+    LoRA config and policy config of the verified artifact ``template``.
+
+    The hub writes each aggregated version this way: no policy is built (1.8 GB at full size),
+    and the tensors must match the template's names, shapes and dtypes exactly.
+    """
+    from safetensors.numpy import save_file
+
+    template, out_dir = Path(template), Path(out_dir)
+    original = verify_artifact(template)
+    if out_dir.exists():
+        raise ArtifactError(f"{out_dir}: already exists; artifacts are never overwritten")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_dir_for(out_dir)
+    try:
+        for name in original.files:
+            if name != TENSORS_FILE and name not in (extra_files or {}):
+                shutil.copyfile(template / name, staging / name)
+        save_file(dict(sorted(tensors.items())), str(staging / TENSORS_FILE), {"format": "pt"})
+        written = safetensors_header(staging / TENSORS_FILE)
+        if written != original.tensors:
+            wrong = sorted(set(written.items()) ^ set(original.tensors.items()))[:2]
+            raise ArtifactError(f"tensors do not match the adapter of {template}: {wrong}")
+        for name, data in (extra_files or {}).items():
+            (staging / name).write_bytes(data)
+        return _seal(
+            staging, out_dir, version, parent_version, original.base, original.lora, round_, metrics
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _seal(
+    staging: Path,
+    out_dir: Path,
+    version: int,
+    parent_version: int | None,
+    base: BaseEntry,
+    lora: LoraSpec,
+    round_: int | None,
+    metrics: dict[str, Metric] | None,
+) -> Manifest:
+    """Write the manifest over the files in ``staging`` and publish it at ``out_dir``."""
+    manifest = Manifest(
+        version=version,
+        parent_version=parent_version,
+        base=base,
+        lora=lora,
+        round=round_,
+        created_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+        files={
+            path.name: FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
+            for path in sorted(staging.iterdir())
+        },
+        tensors=safetensors_header(staging / TENSORS_FILE),
+        metrics=metrics or {},
+    )
+    (staging / MANIFEST).write_bytes(manifest.canonical_bytes())
+    (staging / ID_FILE).write_text(manifest.artifact_id + "\n")
+    publish_dir(staging, out_dir)
     return manifest
 
 

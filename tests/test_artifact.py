@@ -19,6 +19,7 @@ from zk0.shared.artifact import (
     ArtifactError,
     load_adapter,
     save_adapter,
+    save_adapter_arrays,
     verify_artifact,
 )
 from zk0.shared.lora import LoraSpec, adapter_state, apply_lora, merged_copy
@@ -203,3 +204,31 @@ def test_info_json_lists_version_and_id(trained) -> None:  # type: ignore[no-unt
     result = _zk0("adapter", "info", str(folder), "--json")
     report = json.loads(result.stdout)
     assert report["version"] == 1 and report["artifact_id"] == verify_artifact(folder).artifact_id
+
+
+def test_a_version_from_arrays_loads_like_one_from_the_model(trained, make_tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The hub writes aggregated versions from arrays, with no policy: PEFT loads them the same."""
+    from safetensors.numpy import load_file
+
+    _, peft_model, folder = trained
+    arrays = {name: array * 0.5 for name, array in load_file(folder / TENSORS_FILE).items()}
+    manifest = save_adapter_arrays(
+        folder, tmp_path / "v2", arrays, version=2, parent_version=1, round_=2
+    )
+    assert verify_artifact(tmp_path / "v2").artifact_id == manifest.artifact_id
+    original = verify_artifact(folder)
+    assert (manifest.base, manifest.lora, manifest.tensors) == (
+        original.base,
+        original.lora,
+        original.tensors,
+    )
+    fresh = make_tiny()
+    reloaded = apply_lora(fresh.policy, LoraSpec())
+    load_adapter(reloaded, tmp_path / "v2", base=fresh.base)
+    halved = {k: v * 0.5 for k, v in adapter_state(peft_model).items()}
+    assert all(torch.equal(adapter_state(reloaded)[k], halved[k]) for k in halved)
+
+    del arrays[sorted(arrays)[0]]
+    with pytest.raises(ArtifactError, match="tensors do not match the adapter of"):
+        save_adapter_arrays(folder, tmp_path / "v3", arrays, version=3, parent_version=2)
+    assert not (tmp_path / "v3").exists() and list(tmp_path.iterdir()) == [tmp_path / "v2"]
