@@ -39,20 +39,10 @@ from zk0.agent.ledger import Ledger, dataset_size
 from zk0.shared.config import AgentConfig, AgentKeys
 from zk0.shared.control import ControlServer, RefusedError
 from zk0.shared.logs import OUTPUTS_ENV, new_run_dir, setup_logging
-from zk0.shared.processes import Supervised, free_port
+from zk0.shared.processes import Supervised, free_port, process_alive
 from zk0.shared.sdnotify import Watchdog, credential_path, handle_sigterm, notify, service_dirs
 
 LOOP_TICK_S = 0.2
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _credential_keys(keys: AgentKeys | None) -> AgentKeys | None:
@@ -187,7 +177,7 @@ class AgentService:
     def _turn(self) -> None:
         """One bounded turn of the main loop (besides answering the control socket)."""
         with self.lock:
-            dead = self.arbiter.reap(_alive)
+            dead = self.arbiter.reap(process_alive)
         if dead is not None:
             logger.warning("round {} ({}) ended without a reply", dead.server_round, dead.phase)
         if self.supernode is not None:

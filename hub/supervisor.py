@@ -11,9 +11,7 @@ it started (SuperExec, the ServerApp of an abandoned run).
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import socket
 import time
 from pathlib import Path
@@ -142,56 +140,6 @@ class SuperLinkSupervisor:
 
     def stop(self) -> None:
         """Stop the SuperLink and whatever it started (SuperExec, a ServerApp of an abandoned
-        run), so that no orphan outlives the hub even outside systemd's cgroup clean-up."""
-        pid = self.link.pid if self.link.process.running else None
-        children = descendants(pid) if pid is not None else []
+        run: ``ManagedProcess.stop`` ends the whole tree)."""
         self.link.stop()
         self.state = "down"
-        _end(children)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, from /proc (children before grandchildren)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        below = [child for child, parent in parents.items() if parent in frontier]
-        found += below
-        frontier = below
-    return found
-
-
-def _end(pids: list[int], grace_s: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace_s``, to those of ``pids`` still alive."""
-    alive = [pid for pid in pids if _signal(pid, signal.SIGTERM)]
-    deadline = time.monotonic() + grace_s
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.1)
-        alive = [pid for pid in alive if _alive(pid)]
-    for pid in alive:
-        logger.warning("pid {} ignored SIGTERM; killing it", pid)
-        _signal(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie (an orphan's zombie waits for a reaper that may be slow)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def _signal(pid: int, sig: int) -> bool:
-    try:
-        os.kill(pid, sig)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False

@@ -89,9 +89,12 @@ class ManagedProcess:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; then whatever it started and left behind
+        (Flower's SuperExec, ServerApp and ClientApp processes), so that no orphan outlives it."""
         if self.process is None:
             return None
         if self.process.poll() is None:
+            below = descendants(self.process.pid)
             self.process.terminate()
             try:
                 self.process.wait(timeout_s)
@@ -99,6 +102,7 @@ class ManagedProcess:
                 logger.warning("{} ignored SIGTERM for {:.0f}s; killing it", self.name, timeout_s)
                 self.process.kill()
                 self.process.wait()
+            end_processes(below)
         return self.process.returncode
 
 
@@ -165,3 +169,50 @@ class Supervised:
     def stop(self) -> None:
         if self.child is not None:
             self.child.stop()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc (children before grandchildren)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        below = [child for child, parent in parents.items() if parent in frontier]
+        found += below
+        frontier = below
+    return found
+
+
+def end_processes(pids: list[int], grace_s: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``, to those of ``pids`` still alive."""
+    alive = [pid for pid in pids if _signal(pid, signal.SIGTERM)]
+    deadline = time.monotonic() + grace_s
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in alive if process_alive(pid)]
+    for pid in alive:
+        logger.warning("pid {} ignored SIGTERM; killing it", pid)
+        _signal(pid, signal.SIGKILL)
+
+
+def process_alive(pid: int) -> bool:
+    """Running, not a zombie (an orphan's zombie waits for a reaper that may be slow)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _signal(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False

@@ -28,11 +28,10 @@ from zk0.hub.enrolment import (
     store_node_key,
 )
 from zk0.hub.scheduler import AgentView, Idle, ManualRequest, RunPlan, decide
-from zk0.hub.supervisor import descendants
 from zk0.shared.config import ConfigError, RunsConfig, load_hub_config
 from zk0.shared.distribution.keys import AllowList, create_keypair
 from zk0.shared.flower_keys import make_node_keypair
-from zk0.shared.processes import free_port
+from zk0.shared.processes import descendants, free_port
 
 BIN = Path(sys.executable).parent
 NOW = 10_000.0
