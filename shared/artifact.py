@@ -15,10 +15,12 @@ any tensor reaches a model, and refuses with one line saying what is wrong.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import struct
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,21 @@ def safetensors_header(path: Path) -> dict[str, TensorEntry]:
     }
 
 
+@contextlib.contextmanager
+def _staged(out_dir: Path) -> Iterator[Path]:
+    """A staging folder beside ``out_dir`` that the caller fills and publishes; removed if
+    anything fails, so a half-written artifact never appears."""
+    if out_dir.exists():
+        raise ArtifactError(f"{out_dir}: already exists; artifacts are never overwritten")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_dir_for(out_dir)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def save_adapter(
     peft_model: Any,
     out_dir: Path,
@@ -124,11 +141,7 @@ def save_adapter(
 ) -> Manifest:
     """Write ``peft_model``'s adapter as a verified artifact at ``out_dir`` (atomically)."""
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise ArtifactError(f"{out_dir}: already exists; artifacts are never overwritten")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir_for(out_dir)
-    try:
+    with _staged(out_dir) as staging:
         peft_model.peft_config["default"].base_model_name_or_path = base.name_or_path
         peft_model.save_pretrained(staging)
         peft_model.base_model.model.config._save_pretrained(staging)
@@ -137,9 +150,6 @@ def save_adapter(
             (staging / name).write_bytes(data)
         base_entry = BaseEntry(spec=base.spec, name_or_path=base.name_or_path, id=base.base_id)
         return _seal(staging, out_dir, version, parent_version, base_entry, lora, round_, metrics)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def save_adapter_arrays(
@@ -163,11 +173,7 @@ def save_adapter_arrays(
 
     template, out_dir = Path(template), Path(out_dir)
     original = verify_artifact(template)
-    if out_dir.exists():
-        raise ArtifactError(f"{out_dir}: already exists; artifacts are never overwritten")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir_for(out_dir)
-    try:
+    with _staged(out_dir) as staging:
         for name in original.files:
             if name != TENSORS_FILE and name not in (extra_files or {}):
                 shutil.copyfile(template / name, staging / name)
@@ -181,9 +187,6 @@ def save_adapter_arrays(
         return _seal(
             staging, out_dir, version, parent_version, original.base, original.lora, round_, metrics
         )
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _seal(
@@ -228,11 +231,7 @@ def reversion_artifact(
     """
     source, out_dir = Path(source), Path(out_dir)
     original = verify_artifact(source)
-    if out_dir.exists():
-        raise ArtifactError(f"{out_dir}: already exists; artifacts are never overwritten")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir_for(out_dir)
-    try:
+    with _staged(out_dir) as staging:
         for name in original.files:
             shutil.copyfile(source / name, staging / name)
         manifest = Manifest.model_validate(
@@ -247,9 +246,6 @@ def reversion_artifact(
         (staging / ID_FILE).write_text(manifest.artifact_id + "\n")
         verify_artifact(staging, manifest.artifact_id)  # the copy is whole before it appears
         publish_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
 
 
