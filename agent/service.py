@@ -96,8 +96,9 @@ class AgentService:
             ).start()
             stack.callback(self.control.close)
             stack.callback(self.jobs.stop)
-            notify(READY=1, STATUS=self._describe())
-            logger.info("agent {} ready: {}", self.config.agent_id, self._describe())
+            self._status_line = self._describe(dataset_size(self.dataset_root)[0])
+            notify(READY=1, STATUS=self._status_line)
+            logger.info("agent {} ready: {}", self.config.agent_id, self._status_line)
             try:
                 while not stop.is_set():
                     self.control.serve(LOOP_TICK_S)
@@ -184,20 +185,22 @@ class AgentService:
             self.supernode.check()
         self.subscriber.set_in_use(self.session.slot.version)
         self.subscriber.set_state(self.arbiter.state.value)
-        self.subscriber.set_episodes(self._new_episodes())
-        line = self._describe()
+        episodes = dataset_size(self.dataset_root)[0]  # one read of info.json per turn
+        self.subscriber.set_episodes(self._new_episodes(episodes))
+        line = self._describe(episodes)
         if line != self._status_line:
             self._status_line = line
             notify(STATUS=line)
 
     # -- what the agent reports ---------------------------------------------------------------
-    def _new_episodes(self) -> int:
-        return max(0, dataset_size(self.dataset_root)[0] - self.ledger.episodes_at_last_round)
+    def _new_episodes(self, episodes: int) -> int:
+        """Of the dataset's ``episodes``, those recorded since this agent last trained."""
+        return max(0, episodes - self.ledger.episodes_at_last_round)
 
-    def _describe(self) -> str:
+    def _describe(self, episodes: int) -> str:
         version = self.session.slot.version
         adapter = "base" if version is None else f"v{version}"
-        episodes, new = dataset_size(self.dataset_root)[0], self._new_episodes()
+        new = self._new_episodes(episodes)
         return f"{self.arbiter.state}, adapter {adapter}, {episodes} episodes ({new} new)"
 
     def status(self) -> dict[str, Any]:
@@ -212,7 +215,7 @@ class AgentService:
             "sync": sync.sync,
             "bytes_received": sync.bytes_rx,
             "dataset": {"root": str(self.dataset_root), "episodes": episodes, "frames": frames},
-            "new_episodes": self._new_episodes(),
+            "new_episodes": self._new_episodes(episodes),
             "last_round": self.ledger.last_round,
             "training": lease and {"round": lease.server_round, "phase": lease.phase},
             "supernode": {

@@ -90,3 +90,14 @@ def synthetic_batch(
         batch_size, config.chunk_size, dtype=torch.bool, device=device
     )
     return batch
+
+
+def random_observation(policy: Any, seed: int, task: str = "pick the cube") -> dict[str, Any]:
+    """One raw observation shaped like the policy's inputs (uniform noise, reproducible)."""
+    generator = torch.Generator().manual_seed(seed)
+    frame: dict[str, Any] = {
+        key: torch.rand(feature.shape, generator=generator)
+        for key, feature in policy.config.input_features.items()
+    }
+    frame["task"] = task
+    return frame

@@ -35,7 +35,7 @@ from zk0.hub.aggregation import MODES, ClientUpdate, aggregate
 from zk0.hub.superlink import SimulationSuperLink, SuperLink, SuperLinkSettings
 from zk0.shared.config import load_robot_config
 from zk0.shared.features import PolicyFeatures
-from zk0.shared.flower_keys import make_node_keypair, make_tls
+from zk0.shared.flower_keys import TlsFiles, make_node_keypair, make_tls
 from zk0.shared.lora import LoraSpec, adapter_state, apply_lora
 from zk0.shared.normalization import combine_all, to_lerobot
 from zk0.shared.policy_factory import build_fresh_policy, build_policy, make_processors
@@ -185,6 +185,29 @@ def _episodes(root: Path) -> int:
     return int(json.loads((root / "meta" / "info.json").read_text())["total_episodes"])
 
 
+def start_supernodes(
+    link: SuperLink, tls: TlsFiles, datasets: dict[str, Path], work: Path
+) -> list[SuperNode]:
+    """For each agent (id -> dataset): a node key registered with ``link`` (``work/keys``) and
+    its SuperNode started on loopback (logs in ``work/logs/<agent>``)."""
+    nodes = []
+    for agent, root in datasets.items():
+        link.register(make_node_keypair(work / "keys" / agent), agent)
+        node = SuperNode(
+            agent_id=agent,
+            superlink=link.address,
+            root_certificates=tls.ca_cert,
+            private_key=work / "keys" / agent,
+            data_root=root,
+            port=free_port(),
+            flwr_home=link.flwr_home,
+            log_dir=work / "logs" / agent,
+        )
+        node.start()
+        nodes.append(node)
+    return nodes
+
+
 def flower_overhead(datasets: dict[str, Path], work: Path, rounds: int = 2) -> dict[str, float]:
     """Round wall time minus the slowest client's training, in a TLS + node-auth deployment."""
     tls = make_tls(work / "tls", ["127.0.0.1"])
@@ -193,23 +216,11 @@ def flower_overhead(datasets: dict[str, Path], work: Path, rounds: int = 2) -> d
         work / "flwr-deploy",
         work / "logs",
     )
-    nodes = []
+    nodes: list[SuperNode] = []
     try:
         link.start()
-        for agent in ("sim-00", "sim-01"):
-            link.register(make_node_keypair(work / "keys" / agent), agent)
-            node = SuperNode(
-                agent_id=agent,
-                superlink=link.address,
-                root_certificates=tls.ca_cert,
-                private_key=work / "keys" / agent,
-                data_root=datasets[agent],
-                port=free_port(),
-                flwr_home=work / "flwr-deploy",
-                log_dir=work / "logs" / agent,
-            )
-            node.start()
-            nodes.append(node)
+        agents = {agent: datasets[agent] for agent in ("sim-00", "sim-01")}
+        nodes = start_supernodes(link, tls, agents, work)
         store = work / "deploy-store"
         result = link.run(
             REPO_ROOT,

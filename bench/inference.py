@@ -32,7 +32,7 @@ import torch
 import typer
 
 from zk0.agent.inference.backends import BackendName
-from zk0.bench._common import time_calls, write_result
+from zk0.bench._common import random_observation, time_calls, write_result
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 POLICY = "tiny-sim-base"
@@ -172,16 +172,6 @@ def _wait(predicate: Any, timeout_s: float = 300.0) -> None:
         time.sleep(0.01)
 
 
-def _frame(policy: Any, seed: int, task: str) -> dict[str, Any]:
-    generator = torch.Generator().manual_seed(seed)
-    frame: dict[str, Any] = {
-        key: torch.rand(feature.shape, generator=generator)
-        for key, feature in policy.config.input_features.items()
-    }
-    frame["task"] = task
-    return frame
-
-
 def onnx_vs_torch(repeats: int, threads: int, root: Path) -> dict[str, Any]:
     """Whole-chunk latency of both backends on ``tiny-sim-base``, and their largest difference
     (normalized model outputs and robot units), for the base and for a swapped adapter."""
@@ -204,7 +194,7 @@ def onnx_vs_torch(repeats: int, threads: int, root: Path) -> dict[str, Any]:
     slot = AdapterSlot(loaded, to_lerobot(stats))
     policy = InferencePolicy(loaded.policy)
     base = slot.active
-    frames = [_frame(policy.policy, seed, robot.task) for seed in range(4)]
+    frames = [random_observation(policy.policy, seed, robot.task) for seed in range(4)]
     signature = signature_of(policy.policy, base.preprocessor(dict(frames[0])))
     export = OnnxExport(loaded.base, loaded.features, signature)
     cached = export.ready()

@@ -39,13 +39,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from zk0.hub.history import HISTORY_FILE
 from zk0.shared.control import ControlError, request
 from zk0.shared.logs import RUN_DIR_ENV, new_run_dir, setup_logging
 from zk0.shared.processes import ManagedProcess, Supervised, free_port
 from zk0.shared.sim_variants import CLIENT_VARIANTS, variant_config
 
 BIN = Path(sys.executable).parent
-HISTORY_FILE = "eval_mse_history.json"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HOME", str(REPO_ROOT / ".cache" / "hf"))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from zk0.bench._common import random_observation as observation  # noqa: E402
 from zk0.shared.config import load_robot_config  # noqa: E402
 from zk0.shared.features import PolicyFeatures  # noqa: E402
 from zk0.shared.policy_factory import LoadedPolicy, build_policy  # noqa: E402
@@ -41,17 +42,6 @@ def make_tiny(sim_features: PolicyFeatures) -> Callable[[], LoadedPolicy]:
         return build_policy("tiny", sim_features, device="cpu")
 
     return make
-
-
-def observation(policy: Any, seed: int, task: str = "pick the cube") -> dict[str, Any]:
-    """One raw observation shaped like the policy's inputs."""
-    generator = torch.Generator().manual_seed(seed)
-    frame: dict[str, Any] = {
-        key: torch.rand(feature.shape, generator=generator)
-        for key, feature in policy.config.input_features.items()
-    }
-    frame["task"] = task
-    return frame
 
 
 def chunk_noise(policy: Any, seed: int = 7) -> torch.Tensor:

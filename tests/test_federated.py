@@ -14,9 +14,10 @@ import pytest
 
 from zk0.agent.episode_cache import client_datasets
 from zk0.agent.supernode import SuperNode
+from zk0.bench.federated import start_supernodes
 from zk0.hub.superlink import SimulationSuperLink, SuperLink, SuperLinkSettings
 from zk0.shared.artifact import verify_artifact
-from zk0.shared.flower_keys import make_node_keypair, make_tls
+from zk0.shared.flower_keys import make_tls
 from zk0.shared.processes import free_port
 from zk0.shared.store import AdapterStore
 
@@ -114,20 +115,7 @@ def test_deployment_with_tls_auth_a_nan_client_and_a_hub_restart(
     nodes: list[SuperNode] = []
     try:
         link.start()
-        for agent, root in agents.items():
-            link.register(make_node_keypair(tmp_path / "keys" / agent), agent)
-            node = SuperNode(
-                agent_id=agent,
-                superlink=link.address,
-                root_certificates=tls.ca_cert,
-                private_key=tmp_path / "keys" / agent,
-                data_root=root,
-                port=free_port(),
-                flwr_home=flwr_home,
-                log_dir=tmp_path / "logs" / agent,
-            )
-            node.start()
-            nodes.append(node)
+        nodes = start_supernodes(link, tls, agents, tmp_path)
         first = link.run(REPO, one_round(tmp_path / "run1"), timeout_s=900)
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
         hub_log = (tmp_path / "run1" / "hub" / "hub.log").read_text()
