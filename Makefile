@@ -26,11 +26,11 @@ $(INSTALLED): pyproject.toml constraints.txt
 install: $(INSTALLED)
 
 lint: $(INSTALLED)
-	$(BIN)/ruff check agent hub shared bench tests
-	$(BIN)/ruff format --check agent hub shared bench tests
+	$(BIN)/ruff check agent hub shared bench cli tests
+	$(BIN)/ruff format --check agent hub shared bench cli tests
 	@# mypy cannot follow the zk0.* -> folder mapping of the editable install: show it the tree.
-	@mkdir -p .cache/typecheck/zk0 && for p in agent hub shared bench; do ln -sfn ../../../$$p .cache/typecheck/zk0/$$p; done
-	MYPYPATH=.cache/typecheck $(BIN)/mypy -p zk0.agent -p zk0.hub -p zk0.shared -p zk0.bench
+	@mkdir -p .cache/typecheck/zk0 && for p in agent hub shared bench cli; do ln -sfn ../../../$$p .cache/typecheck/zk0/$$p; done
+	MYPYPATH=.cache/typecheck $(BIN)/mypy -p zk0.agent -p zk0.hub -p zk0.shared -p zk0.bench -p zk0.cli
 
 test: lint
 	$(BIN)/pytest $(ARGS)

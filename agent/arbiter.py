@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from zk0.shared.agent_status import Phase
+
 
 class AgentState(StrEnum):
     IDLE = "idle"
@@ -39,7 +41,7 @@ class Lease:
 
     pid: int
     server_round: int
-    phase: str  # "train" or "evaluate"
+    phase: Phase
     granted_at: float
 
 
@@ -65,7 +67,7 @@ class Arbiter:
     def end_arm_job(self) -> None:
         self.arm_job = None
 
-    def request_compute(self, pid: int, server_round: int, phase: str, now: float) -> str | None:
+    def request_compute(self, pid: int, server_round: int, phase: Phase, now: float) -> str | None:
         """Grant the compute to ``pid``; None if granted, else why not (it will ask again)."""
         if self.arm_job is not None:
             return f"the arm is {self.arm_job}"

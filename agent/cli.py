@@ -8,22 +8,29 @@ from typing import Annotated
 import typer
 
 from zk0.agent.daemon_cli import register as register_daemon_commands
-from zk0.shared.cli import run_cli
-from zk0.shared.config import AgentConfig, load_agent_config
+from zk0.shared.cli import RobotOption, new_app, run_cli
+from zk0.shared.config import AgentConfig, ConfigError, load_agent_config
 from zk0.shared.features import PolicyFeatures
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
-config_app = typer.Typer(help="Agent configuration.", no_args_is_help=True)
+app = new_app(__doc__)
+config_app = new_app("Agent configuration.")
 app.add_typer(config_app, name="config")
-keys_app = typer.Typer(help="This agent's CURVE key pair for the hub.", no_args_is_help=True)
+keys_app = new_app("This agent's CURVE key pair for the hub.")
 app.add_typer(keys_app, name="keys")
 
 
 @config_app.command("check")
 def config_check(config: Annotated[Path, typer.Option("--config", help="agent.yaml")]) -> None:
-    """Validate an agent config and the robot config it names; print what the agent will use."""
+    """Validate an agent config and the robot config it names (its ``options:`` exactly as
+    recording does); print what the agent will use."""
+    from zk0.agent.robots import robot_options
+
     agent = load_agent_config(config)
     robot = agent.load_robot_config()
+    try:
+        robot_options(robot)
+    except ConfigError as error:
+        raise ConfigError(f"{agent.robot_config}: {error}") from None
     features = PolicyFeatures.from_robot_config(robot)
     typer.echo(f"agent id      {agent.agent_id}")
     typer.echo(
@@ -94,9 +101,7 @@ def keys_show(config: Annotated[Path, typer.Option("--config", help="agent.yaml"
 
 @app.command("record")
 def record(
-    robot_config: Annotated[
-        Path, typer.Option("--robot-config", help="Robot YAML (e.g. robot_configs/sim_so101.yaml).")
-    ],
+    robot_config: RobotOption,
     episodes: Annotated[int, typer.Option("--episodes", min=1, help="Episodes to add.")] = 1,
     task: Annotated[
         str | None, typer.Option("--task", help="Task text (default: the robot config's).")
@@ -120,7 +125,7 @@ def record(
     import os
     import sys
 
-    from zk0.shared.config import ConfigError, dataset_root_for, load_robot_config
+    from zk0.shared.config import dataset_root_for, load_robot_config
     from zk0.shared.logs import new_run_dir, setup_logging
 
     agent = load_agent_config(config) if config is not None else None
@@ -179,9 +184,7 @@ def recover(
 
 @app.command("eval")
 def evaluate_policy(
-    robot_config: Annotated[
-        Path, typer.Option("--robot-config", help="Robot YAML (e.g. robot_configs/sim_so101.yaml).")
-    ],
+    robot_config: RobotOption,
     policy: Annotated[str, typer.Option("--policy", help="Policy spec (e.g. tiny-sim-base).")],
     adapter: Annotated[
         Path | None, typer.Option("--adapter", help="Adapter artifact folder to run.")

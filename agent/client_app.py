@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -29,6 +29,8 @@ from zk0.agent.training import (
     split_episodes,
     train_policy,
 )
+from zk0.shared.agent_control import ComputeBegin, ComputeEnd
+from zk0.shared.agent_status import Phase
 from zk0.shared.config import load_robot_config
 from zk0.shared.control import ControlError, request
 from zk0.shared.features import PolicyFeatures
@@ -56,12 +58,12 @@ app = ClientApp()
 @functools.lru_cache(maxsize=2)
 def _base(spec: str, robot_config: str) -> LoadedPolicy:
     """The frozen base, built once per process and copied for every round."""
-    features = PolicyFeatures.from_robot_config(load_robot_config(robot_config))  # type: ignore[arg-type]
+    features = PolicyFeatures.from_robot_config(load_robot_config(robot_config))
     return build_policy(spec, features)
 
 
 def _settings(context: Context) -> tuple[RunSettings, NodeSettings]:
-    run = RunSettings.from_run_config(dict(context.run_config))
+    run = RunSettings.from_flower(dict(context.run_config), "run config")
     node = NodeSettings.from_node_config(dict(context.node_config), run)
     torch.set_num_threads(node.torch_threads)
     return run, node
@@ -93,32 +95,44 @@ def _model(run: RunSettings, message: Message) -> tuple[Any, Any]:
 
 
 @contextlib.contextmanager
-def compute_permission(node: NodeSettings, server_round: int, phase: str) -> Iterator[None]:
+def compute_permission(node: NodeSettings, server_round: int, phase: Phase) -> Iterator[None]:
     """Hold the agent daemon's permission to use the compute (none needed without a daemon).
 
     The arm and a running policy come first: while the daemon refuses, ask again every
     second; after ``train-wait-s`` give up, and the hub counts this agent dropped this round.
+    The daemon hears how this part of the round ended (its ``last_round``).
     """
     if not node.control_socket:
         yield
         return
     socket, pid = Path(node.control_socket), os.getpid()
+
+    def end(outcome: Literal["replied", "failed", "skipped"], reason: str | None = None) -> None:
+        with contextlib.suppress(ControlError):
+            ending = ComputeEnd(
+                pid=pid, round=server_round, phase=phase, outcome=outcome, reason=reason
+            )
+            request(socket, ending)
+
     deadline = time.monotonic() + node.train_wait_s
     while True:
-        answer = request(socket, "compute_begin", pid=pid, round=server_round, phase=phase)
-        if answer["granted"]:
+        answer = request(socket, ComputeBegin(pid=pid, round=server_round, phase=phase))
+        if answer.granted:
             break
         if time.monotonic() >= deadline:
-            raise RuntimeError(
-                f"{node.agent_id}: busy for {node.train_wait_s:.0f} s ({answer['reason']}); "
-                f"skipping round {server_round}"
-            )
+            why = f"busy for {node.train_wait_s:.0f} s ({answer.reason})"
+            end("skipped", why)
+            raise RuntimeError(f"{node.agent_id}: {why}; skipping round {server_round}")
         time.sleep(1.0)
     try:
         yield
-    finally:
-        with contextlib.suppress(ControlError):
-            request(socket, "compute_end", pid=pid)
+    except Exception as error:
+        end(
+            "failed",
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300],
+        )
+        raise
+    end("replied")
 
 
 @app.query()

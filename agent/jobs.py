@@ -1,7 +1,8 @@
 """The arm's jobs in the agent daemon (a recording, a task under the policy), one at a time.
 
 A job runs in its own thread so the daemon's main loop keeps answering and pinging the
-watchdog; its progress, result or one-line error stay readable through ``status``.
+watchdog; its progress, result or one-line error stay readable through ``status``
+(``zk0.shared.agent_control.JobView``).
 """
 
 from __future__ import annotations
@@ -10,39 +11,43 @@ import threading
 import time
 from collections.abc import Callable
 from itertools import count
-from typing import Any
+from typing import Literal
 
 from loguru import logger
 
+from zk0.shared.agent_control import JobView, RecordResult, TaskResult
+
 _ids = count(1)
+JobKind = Literal["record", "run_task"]
+JobResult = RecordResult | TaskResult
 
 
 class Job:
-    def __init__(self, kind: str, work: Callable[[Job], dict[str, Any]]) -> None:
+    def __init__(self, kind: JobKind, work: Callable[[Job], JobResult]) -> None:
         self.id = next(_ids)
         self.kind, self.work = kind, work
         self.stop = threading.Event()
-        self.state = "running"  # running, done, failed
+        self.state: Literal["running", "done", "failed"] = "running"
         self.started_at = time.time()
         self.ended_at: float | None = None
         self.progress: list[str] = []
-        self.result: dict[str, Any] | None = None
+        self.result: JobResult | None = None
         self.error: str | None = None
 
     def report(self, line: str) -> None:
         self.progress.append(line)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "state": self.state,
-            "started_at": self.started_at,
-            "ended_at": self.ended_at,
-            "progress": self.progress[-20:],
-            "result": self.result,
-            "error": self.error,
-        }
+    def view(self) -> JobView:
+        return JobView(
+            id=self.id,
+            kind=self.kind,
+            state=self.state,
+            started_at=self.started_at,
+            ended_at=self.ended_at,
+            progress=self.progress[-20:],
+            result=self.result,
+            error=self.error,
+        )
 
 
 class JobRunner:
@@ -74,13 +79,18 @@ class JobRunner:
             job.ended_at = time.time()
             self.on_end()
 
-    def describe(self) -> dict[str, Any] | None:
-        return self.current.describe() if self.current is not None else None
+    def view(self) -> JobView | None:
+        return self.current.view() if self.current is not None else None
+
+    @property
+    def running(self) -> Job | None:
+        job = self.current
+        return job if job is not None and job.state == "running" else None
 
     def stop_current(self) -> bool:
         """Ask the running job to stop: a recording saves its episode, a task ends its episode."""
-        job = self.current
-        if job is None or job.state != "running":
+        job = self.running
+        if job is None:
             return False
         job.stop.set()
         self.on_stop()

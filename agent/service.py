@@ -11,9 +11,8 @@ It owns the arm's connection and composes everything else around it:
 * the **control socket** (:mod:`zk0.shared.control`) for the local CLI and for the ClientApp,
   which asks for the compute before every round (:mod:`zk0.agent.arbiter` decides).
 
-Control commands (``zk0-agent status|record|run-task|stop-job|rollback``): ``status``;
-``record`` {episodes}; ``run_task`` {episodes, horizon_s}; ``stop_job``; ``rollback``;
-``compute_begin`` {pid, round, phase} -> {granted, reason}; ``compute_end`` {pid}.
+Control commands: ``zk0.shared.agent_control`` (``zk0-agent status|start-recording|run-task|
+stop-job|rollback``, and the ClientApp's ``compute_begin``/``compute_end``).
 
 Under systemd: ``READY=1`` once the arm is connected and the policy (the stored adapter, or
 the base on a first boot) is loaded and warm, ``WATCHDOG=1`` from the main loop's progress,
@@ -34,10 +33,13 @@ from typing import Any
 from loguru import logger
 
 from zk0.agent.arbiter import AgentState, Arbiter
-from zk0.agent.jobs import Job, JobRunner
-from zk0.agent.ledger import Ledger, dataset_size
-from zk0.shared.config import AgentConfig, AgentKeys
+from zk0.agent.jobs import Job, JobKind, JobResult, JobRunner
+from zk0.agent.ledger import DatasetSize, Ledger, dataset_size
+from zk0.shared import agent_control as ac
+from zk0.shared.agent_status import AgentReport, Outcome, Phase, RoundOutcome
+from zk0.shared.config import AgentCompute, AgentConfig, AgentKeys
 from zk0.shared.control import ControlServer, RefusedError
+from zk0.shared.federation import NodeSettings
 from zk0.shared.logs import OUTPUTS_ENV, new_run_dir, setup_logging
 from zk0.shared.processes import Supervised, free_port, process_alive
 from zk0.shared.sdnotify import Watchdog, credential_path, handle_sigterm, notify, service_dirs
@@ -91,12 +93,10 @@ class AgentService:
             self._open_session(stack)
             self.subscriber = self._start_subscriber(stack)
             self.supernode = self._start_supernode(stack)
-            self.control = ControlServer(
-                self.config.control_socket_path, self._handlers(), "zk0-agent"
-            ).start()
+            self.control = self._control_server().start()
             stack.callback(self.control.close)
             stack.callback(self.jobs.stop)
-            self._status_line = self._describe(dataset_size(self.dataset_root)[0])
+            self._status_line = self._describe(dataset_size(self.dataset_root))
             notify(READY=1, STATUS=self._status_line)
             logger.info("agent {} ready: {}", self.config.agent_id, self._status_line)
             try:
@@ -141,6 +141,9 @@ class AgentService:
         subscriber = AdapterSubscriber.from_config(
             self.config, on_new_version=offer, expected_base_id=self.session.info["base_id"]
         )
+        # "In use" has one writer: the engine, naming the version of each chunk it computed
+        # (attaching the callback reports the version it computed with last).
+        self.session.engine.on_version_in_use = subscriber.set_in_use
         stack.enter_context(subscriber)
         return subscriber
 
@@ -151,23 +154,23 @@ class AgentService:
         if keys is None or keys.supernode_private_key is None or keys.hub_ca_cert is None:
             logger.warning("no keys.supernode_private_key/hub_ca_cert: not joining federations")
             return None
-        hub = self.config.hub
+        hub, config = self.config.hub, self.config
+        node = NodeSettings(
+            agent_id=config.agent_id,
+            data_root=self.dataset_root,
+            control_socket=str(config.control_socket_path.absolute()),
+            **{name: getattr(config, name) for name in AgentCompute.model_fields},
+        )
 
         def make() -> Any:
             return SuperNode(
-                agent_id=self.config.agent_id,
+                node,
                 superlink=f"{hub.host}:{hub.flower_port}",
                 root_certificates=keys.hub_ca_cert,  # type: ignore[arg-type]
                 private_key=keys.supernode_private_key,  # type: ignore[arg-type]
-                data_root=self.dataset_root,
                 port=free_port(),
                 flwr_home=self.state_dir / "flwr-home",
                 log_dir=self.log_dir,
-                node_options={
-                    "control-socket": str(self.config.control_socket_path.absolute()),
-                    "train-wait-s": self.config.train_wait_s,
-                    "torch-threads": self.config.torch_threads,
-                },
             ).process
 
         supervised = Supervised(make)
@@ -180,134 +183,155 @@ class AgentService:
         with self.lock:
             dead = self.arbiter.reap(process_alive)
         if dead is not None:
-            logger.warning("round {} ({}) ended without a reply", dead.server_round, dead.phase)
+            why = "its ClientApp process died while it held the compute"
+            logger.warning(
+                "round {} ({}) ended without a reply: {}", dead.server_round, dead.phase, why
+            )
+            self._round_ended(dead.server_round, dead.phase, "dropped", why)
         if self.supernode is not None:
             self.supernode.check()
-        self.subscriber.set_in_use(self.session.slot.version)
-        self.subscriber.set_state(self.arbiter.state.value)
-        episodes = dataset_size(self.dataset_root)[0]  # one read of info.json per turn
-        self.subscriber.set_episodes(self._new_episodes(episodes))
-        line = self._describe(episodes)
+        size = dataset_size(self.dataset_root)  # one read of info.json per turn
+        self.subscriber.set_report(self._report(size))
+        line = self._describe(size)
         if line != self._status_line:
             self._status_line = line
             notify(STATUS=line)
 
     # -- what the agent reports ---------------------------------------------------------------
-    def _new_episodes(self, episodes: int) -> int:
-        """Of the dataset's ``episodes``, those recorded since this agent last trained."""
-        return max(0, episodes - self.ledger.episodes_at_last_round)
+    def _report(self, size: DatasetSize) -> AgentReport:
+        running = self.jobs.running
+        return AgentReport(
+            state=self.arbiter.state.value,
+            episodes_new=max(0, size.episodes - self.ledger.episodes_at_last_round),
+            episodes_total=size.episodes,
+            frames_total=size.frames,
+            recorded_s=size.recorded_s,
+            job=running.kind if running is not None else None,
+            last_round=self.ledger.last_round,
+        )
 
-    def _describe(self, episodes: int) -> str:
+    def _describe(self, size: DatasetSize) -> str:
         version = self.session.slot.version
         adapter = "base" if version is None else f"v{version}"
-        new = self._new_episodes(episodes)
-        return f"{self.arbiter.state}, adapter {adapter}, {episodes} episodes ({new} new)"
+        report = self._report(size)
+        return (
+            f"{report.state}, adapter {adapter}, {report.episodes_total} episodes "
+            f"({report.episodes_new} new)"
+        )
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ac.AgentStatus:
         sync = self.subscriber.status()
-        episodes, frames = dataset_size(self.dataset_root)
         lease = self.arbiter.lease
-        return {
-            "agent_id": self.config.agent_id,
-            "state": self.arbiter.state.value,
-            "applied": sync.applied,
-            "in_use": self.session.slot.version,
-            "sync": sync.sync,
-            "bytes_received": sync.bytes_rx,
-            "dataset": {"root": str(self.dataset_root), "episodes": episodes, "frames": frames},
-            "new_episodes": self._new_episodes(episodes),
-            "last_round": self.ledger.last_round,
-            "training": lease and {"round": lease.server_round, "phase": lease.phase},
-            "supernode": {
-                "running": self.supernode is not None and self.supernode.running,
-                "restarts": self.supernode.restarts if self.supernode is not None else 0,
-            },
-            "job": self.jobs.describe(),
-            "pid": os.getpid(),
-        }
+        return ac.AgentStatus(
+            agent_id=self.config.agent_id,
+            pid=os.getpid(),
+            report=self._report(dataset_size(self.dataset_root)),
+            applied=sync.applied,
+            in_use=sync.in_use,
+            sync=sync.sync,
+            bytes_received=sync.bytes_rx,
+            dataset_root=str(self.dataset_root),
+            training=ac.Training(round=lease.server_round, phase=lease.phase) if lease else None,
+            supernode=ac.SuperNodeView(
+                running=self.supernode is not None and self.supernode.running,
+                restarts=self.supernode.restarts if self.supernode is not None else 0,
+            ),
+            job=self.jobs.view(),
+        )
 
     # -- control handlers ---------------------------------------------------------------------
-    def _handlers(self) -> dict[str, Any]:
-        return {
-            "status": lambda args: self.status(),
-            "record": self._record,
-            "run_task": self._run_task,
-            "stop_job": lambda args: {"stopped": self.jobs.stop_current()},
-            "rollback": self._rollback,
-            "compute_begin": self._compute_begin,
-            "compute_end": self._compute_end,
-        }
+    def _control_server(self) -> ControlServer:
+        server = ControlServer(self.config.control_socket_path, ac.PROTOCOL, "zk0-agent")
+        server.on(ac.Status, lambda _: self.status())
+        server.on(ac.Record, self._record)
+        server.on(ac.RunTask, self._run_task)
+        server.on(ac.StopJob, lambda _: ac.JobStopped(stopped=self.jobs.stop_current()))
+        server.on(ac.Rollback, self._rollback)
+        server.on(ac.ComputeBegin, self._compute_begin)
+        server.on(ac.ComputeEnd, self._compute_end)
+        return server
 
-    def _start_arm_job(self, kind: AgentState, job: Job) -> dict[str, Any]:
+    def _start_arm_job(self, state: AgentState, kind: JobKind, work: Any) -> ac.JobStarted:
         with self.lock:
             try:
-                self.arbiter.start_arm_job(kind)
+                self.arbiter.start_arm_job(state)
             except ValueError as error:
                 raise RefusedError(str(error)) from None
+        job = Job(kind, work)
         self.jobs.start(job)
-        return {"job": job.describe()}
+        return ac.JobStarted(job=job.view())
 
     def _end_arm_job(self) -> None:
         with self.lock:
             self.arbiter.end_arm_job()
 
-    def _record(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _record(self, command: ac.Record) -> ac.JobStarted:
         from zk0.agent.recording import record_episodes
 
-        episodes = int(args.get("episodes", 1))
-        if episodes < 1:
-            raise RefusedError(f"episodes must be at least 1, got {episodes}")
-
-        def record(job: Job) -> dict[str, Any]:
+        def record(job: Job) -> JobResult:
             result = record_episodes(
                 self.robot_config,
                 self.dataset_root,
-                episodes,
+                command.episodes,
                 resume=(self.dataset_root / "meta" / "info.json").is_file(),
                 robot=self.session.arm.robot,
                 stop=job.stop,
                 on_episode=lambda summary: job.report(summary.describe()),
             )
-            return {
-                "saved": len(result.saved),
-                "total_episodes": result.total_episodes,
-                "success_rate": result.success_rate,
-                "stopped_by": result.stopped_by,
-            }
+            return ac.RecordResult(
+                saved=len(result.saved),
+                total_episodes=result.total_episodes,
+                success_rate=result.success_rate,
+                stopped_by=result.stopped_by,
+            )
 
-        return self._start_arm_job(AgentState.RECORDING, Job("record", record))
+        return self._start_arm_job(AgentState.RECORDING, "record", record)
 
-    def _run_task(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _run_task(self, command: ac.RunTask) -> ac.JobStarted:
         from zk0.agent.inference.evaluation import evaluate
 
-        episodes = int(args.get("episodes", 1))
-        horizon_s = args.get("horizon_s")
-        if episodes < 1:
-            raise RefusedError(f"episodes must be at least 1, got {episodes}")
+        def run_task(job: Job) -> JobResult:
+            report = evaluate(self.session, command.episodes, command.horizon_s, stop=job.stop)
+            return report.task_result(adapter_version=self.session.slot.version)
 
-        def run_task(job: Job) -> dict[str, Any]:
-            summary = evaluate(self.session, episodes, horizon_s, stop=job.stop).summary()
-            summary.pop("queue_depth_trace", None)
-            summary["adapter_version"] = self.session.slot.version  # hot swaps since start
-            return summary
+        return self._start_arm_job(AgentState.RUNNING_POLICY, "run_task", run_task)
 
-        return self._start_arm_job(AgentState.RUNNING_POLICY, Job("run_task", run_task))
-
-    def _rollback(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _rollback(self, _: ac.Rollback) -> ac.RolledBack:
         try:
             runtime = self.session.engine.rollback()
         except ValueError as error:
             raise RefusedError(str(error)) from None
-        return {"in_use": runtime.version}
+        return ac.RolledBack(in_use=runtime.version)
 
-    def _compute_begin(self, args: dict[str, Any]) -> dict[str, Any]:
-        pid, server_round, phase = int(args["pid"]), int(args["round"]), str(args["phase"])
+    def _compute_begin(self, command: ac.ComputeBegin) -> ac.ComputeGrant:
         with self.lock:
-            reason = self.arbiter.request_compute(pid, server_round, phase, time.time())
-        if reason is None and phase == "train":
-            self.ledger.trained(server_round, dataset_size(self.dataset_root)[0])
-        return {"granted": reason is None, "reason": reason}
+            reason = self.arbiter.request_compute(
+                command.pid, command.round, command.phase, time.time()
+            )
+        if reason is None and command.phase == "train":
+            self.ledger.trained(dataset_size(self.dataset_root).episodes)
+        return ac.ComputeGrant(granted=reason is None, reason=reason)
 
-    def _compute_end(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _compute_end(self, command: ac.ComputeEnd) -> ac.ComputeReleased:
         with self.lock:
-            return {"released": self.arbiter.release_compute(int(args["pid"]))}
+            released = self.arbiter.release_compute(command.pid)
+        outcome: Outcome
+        if command.outcome == "replied":
+            outcome = "trained" if command.phase == "train" else "evaluated"
+        else:
+            outcome = "skipped" if command.outcome == "skipped" else "dropped"
+        self._round_ended(command.round, command.phase, outcome, command.reason)
+        return ac.ComputeReleased(released=released)
+
+    def _round_ended(
+        self, server_round: int, phase: Phase, outcome: Outcome, reason: str | None
+    ) -> None:
+        self.ledger.ended(
+            RoundOutcome(
+                round=server_round,
+                phase=phase,
+                outcome=outcome,
+                reason=reason[:300] if reason else None,
+                at=time.time(),
+            )
+        )

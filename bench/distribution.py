@@ -27,7 +27,9 @@ from typing import Annotated, Any
 
 import typer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from zk0.shared.cli import RobotOption
+from zk0.shared.config import DEFAULT_ROBOT_CONFIG
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -47,7 +49,7 @@ def _loopback_bytes() -> int:
 class AdapterMaker:
     """Full-size LoRA adapters with fresh random values, saved as real artifacts."""
 
-    def __init__(self, robot_config: Path) -> None:
+    def __init__(self, robot_config: str) -> None:
         import torch
         from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
@@ -259,7 +261,7 @@ def main(
     repeats: Annotated[int, typer.Option(min=1, help="Fresh fleets per size and mode.")] = 2,
     procs: Annotated[int, typer.Option(min=1, help="Worker processes holding the agents.")] = 5,
     modes: Annotated[str, typer.Option(help="curve, plain or both.")] = "both",
-    robot_config: Path = REPO_ROOT / "robot_configs" / "sim_so101.yaml",
+    robot_config: RobotOption = DEFAULT_ROBOT_CONFIG,
     workdir: Annotated[
         Path | None, typer.Option(help="Scratch folder (default: a temp dir).")
     ] = None,

@@ -33,8 +33,10 @@ from zk0.agent.training import (
 from zk0.bench._common import write_result
 from zk0.hub.aggregation import MODES, ClientUpdate, aggregate
 from zk0.hub.superlink import SimulationSuperLink, SuperLink, SuperLinkSettings
-from zk0.shared.config import load_robot_config
+from zk0.shared.cli import RobotOption
+from zk0.shared.config import DEFAULT_ROBOT_CONFIG, load_robot_config
 from zk0.shared.features import PolicyFeatures
+from zk0.shared.federation import NodeSettings, RunSettings
 from zk0.shared.flower_keys import TlsFiles, make_node_keypair, make_tls
 from zk0.shared.lora import LoraSpec, adapter_state, apply_lora
 from zk0.shared.normalization import combine_all, to_lerobot
@@ -42,11 +44,10 @@ from zk0.shared.policy_factory import build_fresh_policy, build_policy, make_pro
 from zk0.shared.processes import free_port
 from zk0.shared.store import AdapterStore
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def full_size_shapes(robot_config: Path) -> tuple[dict[str, tuple[int, ...]], int]:
+def full_size_shapes(robot_config: str) -> tuple[dict[str, tuple[int, ...]], int]:
     """Adapter tensor shapes of the full-size architecture, and its whole state in bytes."""
     features = PolicyFeatures.from_robot_config(load_robot_config(robot_config))
     policy = build_fresh_policy("smolvla-arch", features)
@@ -96,13 +97,7 @@ def aggregation_times(
 
 AGENTS = ["sim-00", "sim-01", "sim-02", "sim-03"]
 #: Same seeds, data and optimizer steps for every mode and baseline.
-LEARNING: dict[str, Any] = {
-    "policy": "tiny-sim-base",
-    "local-steps": 15,
-    "lr": 1e-3,
-    "eval-frames": 16,
-    "seed": 0,
-}
+LEARNING = RunSettings(policy="tiny-sim-base", local_steps=15, lr=1e-3, eval_frames=16, seed=0)
 
 
 def simulate(mode: str, rounds: int, datasets: dict[str, Path], work: Path) -> dict[str, Any]:
@@ -112,18 +107,19 @@ def simulate(mode: str, rounds: int, datasets: dict[str, Path], work: Path) -> d
     for agent, root in datasets.items():
         if not (sim_root / agent).exists():
             (sim_root / agent).symlink_to(root)
-    config = {
-        **LEARNING,
-        "aggregation": mode,
-        "num-server-rounds": rounds,
-        "min-nodes": len(datasets),
-        "sim-data-root": str(sim_root),
-        "run-dir": str(run_dir),
-    }
+    settings = LEARNING.model_copy(
+        update={
+            "aggregation": mode,
+            "num_server_rounds": rounds,
+            "min_nodes": len(datasets),
+            "sim_data_root": str(sim_root),
+            "run_dir": str(run_dir),
+        }
+    )
     link = SimulationSuperLink(len(datasets), flwr_home, work / f"logs-{mode}")
     try:
         link.start()
-        completed = link.run(REPO_ROOT, config, timeout_s=3600)
+        completed = link.run(settings, timeout_s=3600)
     finally:
         link.stop()
     if completed.returncode != 0:
@@ -137,10 +133,8 @@ def baselines(rounds: int, datasets: dict[str, Path]) -> dict[str, Any]:
     from zk0.shared.config import load_robot_config as load
     from zk0.shared.lora import apply_lora as wrap
 
-    features = PolicyFeatures.from_robot_config(
-        load(REPO_ROOT / "robot_configs" / "sim_so101.yaml")
-    )
-    base = build_policy(str(LEARNING["policy"]), features, device="cpu")
+    features = PolicyFeatures.from_robot_config(load(LEARNING.robot_config_path))
+    base = build_policy(LEARNING.policy, features, device="cpu")
     splits = {a: split_episodes(_episodes(root)) for a, root in datasets.items()}
     train = {
         a: open_dataset(root, base.policy.config, splits[a][0]) for a, root in datasets.items()
@@ -148,7 +142,7 @@ def baselines(rounds: int, datasets: dict[str, Path]) -> dict[str, Any]:
     held = {a: open_dataset(root, base.policy.config, splits[a][1]) for a, root in datasets.items()}
     stats = to_lerobot(combine_all([dataset_stats(d) for d in train.values()]))
     preprocessor, _ = make_processors(base.policy.config, stats)
-    steps = int(LEARNING["local-steps"])
+    steps = LEARNING.local_steps
 
     def fresh() -> Any:
         import copy
@@ -164,7 +158,7 @@ def baselines(rounds: int, datasets: dict[str, Path]) -> dict[str, Any]:
             union,
             preprocessor,
             torch.utils.data.ConcatDataset(list(train.values())),
-            TrainConfig(local_steps=steps * len(train), lr=float(LEARNING["lr"]), seed=round_),
+            TrainConfig(local_steps=steps * len(train), lr=LEARNING.lr, seed=round_),
         )
     central = evaluate(union, list(datasets))
     alone: dict[str, float] = {}
@@ -175,7 +169,7 @@ def baselines(rounds: int, datasets: dict[str, Path]) -> dict[str, Any]:
                 model,
                 preprocessor,
                 train[agent],
-                TrainConfig(local_steps=steps, lr=float(LEARNING["lr"]), seed=round_),
+                TrainConfig(local_steps=steps, lr=LEARNING.lr, seed=round_),
             )
         alone |= evaluate(model, [agent])
     return {"centralized": central, "local_only": alone}
@@ -194,11 +188,10 @@ def start_supernodes(
     for agent, root in datasets.items():
         link.register(make_node_keypair(work / "keys" / agent), agent)
         node = SuperNode(
-            agent_id=agent,
+            NodeSettings(agent_id=agent, data_root=root),
             superlink=link.address,
             root_certificates=tls.ca_cert,
             private_key=work / "keys" / agent,
-            data_root=root,
             port=free_port(),
             flwr_home=link.flwr_home,
             log_dir=work / "logs" / agent,
@@ -222,17 +215,15 @@ def flower_overhead(datasets: dict[str, Path], work: Path, rounds: int = 2) -> d
         agents = {agent: datasets[agent] for agent in ("sim-00", "sim-01")}
         nodes = start_supernodes(link, tls, agents, work)
         store = work / "deploy-store"
-        result = link.run(
-            REPO_ROOT,
-            {
-                **LEARNING,
-                "num-server-rounds": rounds,
-                "min-nodes": 2,
-                "store-root": str(store),
-                "run-dir": str(work / "run-deploy"),
-            },
-            timeout_s=3600,
+        settings = LEARNING.model_copy(
+            update={
+                "num_server_rounds": rounds,
+                "min_nodes": 2,
+                "store_root": str(store),
+                "run_dir": str(work / "run-deploy"),
+            }
         )
+        result = link.run(settings, timeout_s=3600)
         if result.returncode != 0:
             raise RuntimeError(f"deployment run failed: {result.stderr[-500:]}")
     finally:
@@ -259,7 +250,7 @@ def main(
     quick: Annotated[bool, typer.Option(help="Only payload and aggregation time.")] = False,
     rounds: Annotated[int, typer.Option(min=1)] = 3,
     episodes: Annotated[int, typer.Option(min=2)] = 10,
-    robot_config: Path = REPO_ROOT / "robot_configs" / "sim_so101.yaml",
+    robot_config: RobotOption = DEFAULT_ROBOT_CONFIG,
     threads: int = 1,
 ) -> None:
     """Payload ratio and aggregation time at full size (the learning comparison follows)."""
@@ -297,7 +288,7 @@ def main(
                 "clients": AGENTS,
                 "episodes_per_client": episodes,
                 "rounds": rounds,
-                **LEARNING,
+                **LEARNING.to_flower(),
             },
         }
     summary = (

@@ -14,12 +14,12 @@ import torch
 import typer
 
 from zk0.bench._common import synthetic_batch, time_calls, write_result
-from zk0.shared.config import load_robot_config
+from zk0.shared.cli import RobotOption
+from zk0.shared.config import DEFAULT_ROBOT_CONFIG, load_robot_config
 from zk0.shared.features import PolicyFeatures
 from zk0.shared.lora import LoraSpec, apply_lora, summarize
 from zk0.shared.policy_factory import build_fresh_policy, default_device, make_processors
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -88,7 +88,7 @@ def main(
         str, typer.Option(help="Comma-separated architectures.")
     ] = "tiny,smolvla-arch",
     repeats: Annotated[int, typer.Option(min=1)] = 2,
-    robot_config: Path = REPO_ROOT / "robot_configs" / "sim_so101.yaml",
+    robot_config: RobotOption = DEFAULT_ROBOT_CONFIG,
     threads: Annotated[int, typer.Option(help="torch CPU threads (1 is steadiest here).")] = 1,
     bf16: Annotated[
         bool, typer.Option(help="bf16 autocast (AMP), as agents train on a GPU.")

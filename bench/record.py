@@ -23,9 +23,9 @@ import typer
 from loguru import logger
 
 from zk0.bench._common import write_result
-from zk0.shared.config import CameraConfig, RobotConfig, load_robot_config
+from zk0.shared.cli import RobotOption
+from zk0.shared.config import DEFAULT_ROBOT_CONFIG, CameraConfig, RobotConfig, load_robot_config
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"128": (128, 128), "480p": (480, 640)}
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -89,7 +89,7 @@ def measure_synthetic(
     }
 
 
-def measure_sim(episodes: int, robot_config: Path, work: Path) -> dict[str, Any]:
+def measure_sim(episodes: int, robot_config: str, work: Path) -> dict[str, Any]:
     from zk0.agent.recording import record_episodes
 
     config = load_robot_config(robot_config)
@@ -118,7 +118,7 @@ def main(
     episodes: Annotated[int, typer.Option(min=1, help="Synthetic episodes per size.")] = 3,
     frames: Annotated[int, typer.Option(min=2, help="Frames per synthetic episode.")] = 90,
     sim_episodes: Annotated[int, typer.Option(min=0, help="Simulated episodes (0: skip).")] = 20,
-    robot_config: Path = REPO_ROOT / "robot_configs" / "sim_so101.yaml",
+    robot_config: RobotOption = DEFAULT_ROBOT_CONFIG,
 ) -> None:
     """Recording overhead and save time (synthetic), sim wall time and expert success rate."""
     torch.set_num_threads(1)

@@ -78,7 +78,7 @@ class DistributionServer:
         self.allow_list = AllowList(keys.allow_list_dir) if keys else None
         self.cache = VersionCache(store)
         self.service = FetchService(
-            self.cache, self.fleet, self.faults, self.allow_list, self._latest
+            self.cache, self.fleet, self.faults, self.allow_list, lambda: self._offer(p.Latest)
         )
         self._announced: ServedVersion | None = None
         self._current_stamp: tuple[int, int, int] | None = None
@@ -220,11 +220,11 @@ class DistributionServer:
         return manifest
 
     def agents(self) -> list[AgentRecord]:
-        """Per agent: key id, last seen, applied and in-use versions, state, episodes."""
+        """Per agent: key id, last seen, applied and in-use versions, sync and its report."""
         return self.fleet.records()
 
     def fleet_summary(self) -> dict[str, Any]:
-        """How many agents are online, applied and run the current version; episodes waiting."""
+        """How many agents are online, applied and run the current version; their episodes."""
         return self.fleet.summary(self.announced_version)
 
     @property
@@ -263,7 +263,7 @@ class DistributionServer:
                 logger.exception("distribution loop error; continuing")
                 time.sleep(0.05)
 
-    def _latest(self, kind: type[p.Announce] = p.Latest) -> Any:
+    def _offer[O: p.Offer](self, kind: type[O]) -> O:
         served = self._announced
         return kind(
             hub=self.hub_id,
@@ -277,7 +277,7 @@ class DistributionServer:
 
     def _announce(self) -> None:
         self._seq += 1
-        frames = p.encode_announce(self._latest(p.Announce))
+        frames = p.encode_announce(self._offer(p.Announce))
         with contextlib.suppress(zmq.Again, KeyError):
             self._sockets["xpub"].send_multipart(frames, zmq.NOBLOCK)
 

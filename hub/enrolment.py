@@ -25,7 +25,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from loguru import logger
 from zk0.shared.config import AGENT_ID_PATTERN
 from zk0.shared.distribution.keys import AllowList
 from zk0.shared.fsutil import atomic_write_bytes
+from zk0.shared.hub_control import KeySync
 
 SUPERNODES_DIR = "supernodes"
 NODE_KEY_SUFFIX = ".pub"
@@ -152,22 +152,6 @@ def _failure(result: subprocess.CompletedProcess[str]) -> str:
     return " ".join(text.split())[-300:]
 
 
-@dataclass
-class SyncResult:
-    registered: list[str] = field(default_factory=list)  # by this call
-    unregistered: list[str] = field(default_factory=list)  # by this call
-    failed: dict[str, str] = field(default_factory=dict)  # agent id -> one line
-    enrolled: dict[str, int | None] = field(default_factory=dict)  # all now: agent -> node id
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "registered": self.registered,
-            "unregistered": self.unregistered,
-            "failed": self.failed,
-            "enrolled": self.enrolled,
-        }
-
-
 class Enrolment:
     """Keeps the SuperLink's registered node keys in step with the enrolled key files."""
 
@@ -237,11 +221,13 @@ class Enrolment:
 
     # -- talking to the SuperLink --------------------------------------------------------------
 
-    def sync(self, connection: str) -> SyncResult:
+    def sync(self, connection: str) -> KeySync:
         """Register what is enrolled and not registered; unregister what is registered and no
         longer enrolled (or was replaced). Thread-safe; each ``flwr`` call is bounded."""
+        registered: list[str] = []
+        unregistered: list[str] = []
+        failed: dict[str, str] = {}
         with self.lock:
-            result = SyncResult()
             wanted = self.wanted()
             registry = self._load()
             for agent_id, entry in sorted(registry.items()):
@@ -249,17 +235,17 @@ class Enrolment:
                     continue
                 error = self._unregister(agent_id, entry.get("node_id"), connection)
                 if error is not None:
-                    result.failed[agent_id] = error
+                    failed[agent_id] = error
                     self._failed_at[agent_id] = time.monotonic()
                     continue
                 del registry[agent_id]
-                result.unregistered.append(agent_id)
+                unregistered.append(agent_id)
             for agent_id, (path, digest) in sorted(wanted.items()):
-                if agent_id in registry or agent_id in result.failed:
+                if agent_id in registry or agent_id in failed:
                     continue
                 node_id, error = self._register(agent_id, path, connection)
                 if error is not None:
-                    result.failed[agent_id] = error
+                    failed[agent_id] = error
                     self._failed_at[agent_id] = time.monotonic()
                     continue
                 self._failed_at.pop(agent_id, None)
@@ -268,14 +254,18 @@ class Enrolment:
                     "sha256": digest,
                     "registered_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 }
-                result.registered.append(agent_id)
+                registered.append(agent_id)
             self._save(registry)
-            result.enrolled = {a: e.get("node_id") for a, e in sorted(registry.items())}
-        for agent_id, error in result.failed.items():
+        for agent_id, error in failed.items():
             logger.error(
                 "enrolment of {} failed (retried in {:.0f} s): {}", agent_id, RETRY_S, error
             )
-        return result
+        return KeySync(
+            registered=registered,
+            unregistered=unregistered,
+            failed=failed,
+            enrolled={a: e.get("node_id") for a, e in sorted(registry.items())},
+        )
 
     def _register(
         self, agent_id: str, path: Path, connection: str

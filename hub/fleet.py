@@ -2,7 +2,8 @@
 
 The distribution server keeps the table in memory and writes it to ``<store root>/agents.json``
 (atomically) so that ``zk0-hub agents list`` and the round scheduler can read it from other
-processes.
+processes. A record keeps the agent's last ``AgentReport`` as the agent sent it (already bounded
+by the protocol's model).
 """
 
 from __future__ import annotations
@@ -10,27 +11,29 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
+from zk0.shared.agent_status import AgentReport
 from zk0.shared.distribution.protocol import Status
 from zk0.shared.fsutil import atomic_write_bytes
 
 FLEET_FILE = "agents.json"
 
 
-@dataclass(frozen=True)
-class AgentRecord:
+class AgentRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
     agent_id: str
     key_id: str  # fingerprint of the CURVE key the agent authenticated with ("-" when plain)
     last_seen: float  # unix time of its last valid message
     applied: int | None = None
     in_use: int | None = None
-    state: str = "unknown"
     sync: str = "unknown"
-    episodes: int = 0
+    report: AgentReport = AgentReport()
     error: str | None = None
     revoked: bool = False  # its key left the allow-list; the hub ignores it from then on
 
@@ -59,9 +62,8 @@ class FleetTable:
                 last_seen=time.time(),
                 applied=status.applied,
                 in_use=status.in_use,
-                state=status.state,
                 sync=status.sync,
-                episodes=status.episodes,
+                report=status.report,
                 error=status.error,
             )
             self._records[status.agent_id] = record
@@ -72,7 +74,9 @@ class FleetTable:
         with self._lock:
             record = self._records.get(agent_id)
             if record is not None:
-                self._records[agent_id] = replace(record, last_seen=time.time(), revoked=False)
+                self._records[agent_id] = record.model_copy(
+                    update={"last_seen": time.time(), "revoked": False}
+                )
 
     def mark_revoked(self, allowed: set[str]) -> list[str]:
         """Flag every agent whose id is no longer allowed; returns the newly revoked ids."""
@@ -80,7 +84,7 @@ class FleetTable:
         with self._lock:
             for agent_id, record in self._records.items():
                 if agent_id not in allowed and not record.revoked:
-                    self._records[agent_id] = replace(record, revoked=True)
+                    self._records[agent_id] = record.model_copy(update={"revoked": True})
                     newly.append(agent_id)
             self._dirty = self._dirty or bool(newly)
         return newly
@@ -90,7 +94,8 @@ class FleetTable:
             return sorted(self._records.values(), key=lambda r: r.agent_id)
 
     def summary(self, current: int | None) -> dict[str, Any]:
-        """Convergence at a glance, and what a round scheduler needs (episodes waiting)."""
+        """Convergence at a glance, what a round scheduler needs (new episodes on online agents),
+        and the data the fleet holds (every agent's last report)."""
         now = time.time()
         records = [r for r in self.records() if not r.revoked]
         online = [r for r in records if r.online(now, self.heartbeat_s)]
@@ -100,7 +105,10 @@ class FleetTable:
             "online": len(online),
             "applied_current": sum(1 for r in records if r.applied == current),
             "in_use_current": sum(1 for r in records if r.in_use == current),
-            "episodes_since_round": sum(r.episodes for r in online),
+            "episodes_since_round": sum(r.report.episodes_new for r in online),
+            "episodes_total": sum(r.report.episodes_total for r in records),
+            "frames_total": sum(r.report.frames_total for r in records),
+            "recorded_s": round(sum(r.report.recorded_s for r in records), 3),
         }
 
     def save_if_due(self, hub: dict[str, Any], every_s: float = 5.0) -> None:
@@ -114,7 +122,8 @@ class FleetTable:
         if self.path is None:
             return
         with self._lock:
-            agents = [asdict(r) for r in sorted(self._records.values(), key=lambda r: r.agent_id)]
+            records = sorted(self._records.values(), key=lambda r: r.agent_id)
+            agents = [r.model_dump(mode="json") for r in records]
             self._dirty = False
         self._written_at = time.monotonic()
         payload = {
@@ -127,7 +136,7 @@ class FleetTable:
 
 
 def _changed(old: AgentRecord, new: AgentRecord) -> bool:
-    return replace(old, last_seen=0.0) != replace(new, last_seen=0.0)
+    return old.model_copy(update={"last_seen": 0.0}) != new.model_copy(update={"last_seen": 0.0})
 
 
 def load_fleet(store_root: Path) -> tuple[dict[str, Any], list[AgentRecord]]:
@@ -139,4 +148,4 @@ def load_fleet(store_root: Path) -> tuple[dict[str, Any], list[AgentRecord]]:
     return dict(raw.get("hub", {})) | {
         "updated_at": raw.get("updated_at"),
         "heartbeat_s": raw.get("heartbeat_s", 1.0),
-    }, [AgentRecord(**entry) for entry in raw.get("agents", [])]
+    }, [AgentRecord.model_validate(entry) for entry in raw.get("agents", [])]

@@ -15,20 +15,21 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from loguru import logger
+from pydantic import BaseModel, ValidationError
 
 from zk0.hub.history import HISTORY_FILE
 from zk0.hub.scheduler import RunPlan
-from zk0.hub.superlink import CONNECTION
-from zk0.hub.supervisor import HubSuperLink, log_tail
+from zk0.hub.superlink import CONNECTION, SuperLink
+from zk0.shared.config import HubConfig
+from zk0.shared.federation import RunSettings
 from zk0.shared.fsutil import atomic_write_bytes
+from zk0.shared.hub_control import RunOutcome, RunView
 from zk0.shared.logs import RUN_DIR_ENV
-from zk0.shared.processes import ManagedProcess
+from zk0.shared.processes import ManagedProcess, log_tail
 
 RUN_LOG = Path("hub") / "flwr-run.log"
 RUN_FILE = "hub-run.json"
@@ -41,45 +42,41 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-@dataclass(frozen=True)
-class RunOutcome:
-    index: int
-    run_dir: Path
-    returncode: int
-    ended_at: str
-    error: str | None
+def run_settings(config: HubConfig, run_dir: Path, rounds: int | None = None) -> RunSettings:
+    """A run's settings: ``runs.run_config`` over RunSettings' defaults, plus what the hub sets
+    itself (the base, ``min-nodes`` from ``runs.min_agents``, the store, the run folder)."""
+    values = {
+        **config.runs.run_config,
+        "policy": config.policy,
+        "min-nodes": config.runs.min_agents,
+        "store-root": str(config.store_root.resolve()),
+        "run-dir": str(run_dir),
+    }
+    if rounds is not None:
+        values["num-server-rounds"] = rounds
+    return RunSettings.from_flower(values, "hub run config")
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "run_dir": str(self.run_dir),
-            "returncode": self.returncode,
-            "ended_at": self.ended_at,
-            "error": self.error,
-        }
+
+def run_timeout_s(settings: RunSettings) -> float:
+    """How long a whole run may take: waiting for nodes, statistics and round-0 evaluation,
+    then training and evaluation in every round, each bounded by the round timeout in the
+    ServerApp; plus some slack."""
+    return (3 + 2 * settings.num_server_rounds) * settings.round_timeout_s + 300.0
 
 
 class FederatedRun:
     """One ``flwr run`` of the zk0 App through the hub's SuperLink, polled by the main loop."""
 
-    def __init__(
-        self,
-        index: int,
-        plan: RunPlan,
-        run_dir: Path,
-        run_config: dict[str, Any],
-        link: HubSuperLink,
-        app_dir: Path,
-        timeout_s: float,
-    ) -> None:
-        self.index, self.plan, self.run_dir = index, plan, run_dir
-        self.run_config, self.timeout_s = run_config, timeout_s
+    def __init__(self, index: int, plan: RunPlan, settings: RunSettings, link: SuperLink) -> None:
+        self.index, self.plan, self.settings = index, plan, settings
+        self.run_dir = Path(settings.run_dir)
+        self.timeout_s = run_timeout_s(settings)
         self.link = link
         self.started_at = now_iso()
-        self._deadline = time.monotonic() + timeout_s
+        self._deadline = time.monotonic() + self.timeout_s
         flwr = str(Path(sys.executable).parent / "flwr")
-        argv = [flwr, *link.run_args(app_dir, run_config)]
-        self.process = ManagedProcess(f"flwr-run[{index}]", argv, link.env, run_dir / RUN_LOG)
+        argv = [flwr, *link.run_args(settings)]
+        self.process = ManagedProcess(f"flwr-run[{index}]", argv, link.env, self.run_dir / RUN_LOG)
         self._timed_out = False
         self._completed = 0
 
@@ -91,7 +88,7 @@ class FederatedRun:
             "trigger": self.plan.trigger,
             "reason": self.plan.reason,
             "agents": list(self.plan.agents),
-            "run_config": self.run_config,
+            "run_config": self.settings.to_flower(),
         }
         (self.run_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
         self.process.start()
@@ -100,8 +97,8 @@ class FederatedRun:
             self.index,
             self.plan.trigger,
             self.plan.reason,
-            self.plan.rounds,
-            self.plan.min_nodes,
+            self.settings.num_server_rounds,
+            self.settings.min_nodes,
             self.run_dir,
         )
         return self
@@ -126,7 +123,13 @@ class FederatedRun:
             error = (
                 log_tail(self.run_dir / RUN_LOG, lines=2) or f"flwr run exited with {returncode}"
             )
-        outcome = RunOutcome(self.index, self.run_dir, returncode, now_iso(), error)
+        outcome = RunOutcome(
+            index=self.index,
+            run_dir=str(self.run_dir),
+            returncode=returncode,
+            ended_at=now_iso(),
+            error=error,
+        )
         if error is None:
             logger.info("run {} finished: {}", self.index, self.run_dir)
         else:
@@ -166,17 +169,26 @@ class FederatedRun:
             pass  # not written yet, or caught while the ServerApp rewrites it: keep the last
         return self._completed
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "started_at": self.started_at,
-            "run_dir": str(self.run_dir),
-            "rounds": self.plan.rounds,
-            "completed_rounds": self.completed_rounds(),
-            "min_nodes": self.plan.min_nodes,
-            "trigger": self.plan.trigger,
-            "agents": list(self.plan.agents),
-        }
+    def abandoned(self, why: str) -> RunOutcome:
+        return RunOutcome(
+            index=self.index,
+            run_dir=str(self.run_dir),
+            returncode=-15,
+            ended_at=now_iso(),
+            error=why,
+        )
+
+    def view(self) -> RunView:
+        return RunView(
+            index=self.index,
+            started_at=self.started_at,
+            run_dir=str(self.run_dir),
+            rounds=self.settings.num_server_rounds,
+            completed_rounds=self.completed_rounds(),
+            min_nodes=self.settings.min_nodes,
+            trigger=self.plan.trigger,
+            agents=list(self.plan.agents),
+        )
 
 
 def run_folder(logs_root: Path, index: int) -> Path:
@@ -188,50 +200,31 @@ def run_folder(logs_root: Path, index: int) -> Path:
     return (base / f"{stamp}-run{index}").resolve()
 
 
-class RunBook:
-    """Run counters and the last run's outcome, kept in the state folder."""
+class RunBook(BaseModel):
+    """Run counters and the last run's outcome, kept in the state folder (``hub-runs.json``)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.runs_started = self.runs_completed = self.runs_failed = 0
-        self.last_run: RunOutcome | None = None
+    runs_started: int = 0
+    runs_completed: int = 0
+    runs_failed: int = 0
+    last_run: RunOutcome | None = None
 
-    def load(self) -> None:
+    @classmethod
+    def load(cls, path: Path) -> RunBook:
         try:
-            saved = json.loads(self.path.read_text())
-            self.runs_started = int(saved.get("runs_started", 0))
-            self.runs_completed = int(saved.get("runs_completed", 0))
-            self.runs_failed = int(saved.get("runs_failed", 0))
-            last = saved.get("last_run")
-            if last:
-                self.last_run = RunOutcome(
-                    int(last["index"]),
-                    Path(last["run_dir"]),
-                    int(last["returncode"]),
-                    str(last["ended_at"]),
-                    last.get("error"),
-                )
+            return cls.model_validate_json(path.read_bytes())
         except FileNotFoundError:
-            return
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            logger.warning("{}: unreadable ({}); run numbers start over", self.path, error)
+            return cls()
+        except (OSError, ValidationError) as error:
+            logger.warning("{}: unreadable ({}); run numbers start over", path, error)
+            return cls()
 
-    def finished(self, outcome: RunOutcome) -> None:
+    def finished(self, outcome: RunOutcome, path: Path) -> None:
         self.last_run = outcome
         if outcome.error is None:
             self.runs_completed += 1
         else:
             self.runs_failed += 1
-        self.save()
+        self.save(path)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "runs_started": self.runs_started,
-            "runs_completed": self.runs_completed,
-            "runs_failed": self.runs_failed,
-            "last_run": self.last_run.as_dict() if self.last_run else None,
-        }
-
-    def save(self) -> None:
-        body = json.dumps(self.as_dict(), indent=1) + "\n"
-        atomic_write_bytes(self.path, body.encode())
+    def save(self, path: Path) -> None:
+        atomic_write_bytes(path, self.model_dump_json(indent=1).encode() + b"\n")

@@ -16,7 +16,8 @@ and starts a run when it gets a :class:`RunPlan`. Rules (``runs:`` in hub.yaml):
   - ``manual``: only on request.
 
 A run asks Flower for ``min_agents`` nodes (``min-nodes``): every connected SuperNode trains,
-the plan's ``agents`` only say which agents made the trigger fire.
+the plan's ``agents`` only say which agents made the trigger fire. Its other settings are the
+run config's (``zk0.hub.runs.run_settings``); a manual request may override its rounds.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class AgentView:
 
 @dataclass(frozen=True)
 class ManualRequest:
-    """An operator's ``start_run``; ``rounds`` overrides ``runs.rounds`` for that run."""
+    """An operator's ``start_run``; ``rounds`` overrides the run config's for that run."""
 
     rounds: int | None = None
 
@@ -47,9 +48,8 @@ class ManualRequest:
 class RunPlan:
     trigger: str  # "episodes", "schedule" or "manual"
     agents: tuple[str, ...]  # the online agents that made it fire (all online ones if manual)
-    min_nodes: int
-    rounds: int
     reason: str  # one line for the log and the status
+    rounds: int | None = None  # a manual request's rounds; None: the run config's
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,7 @@ def decide(
     if run_active:
         return Idle("a run is in progress")
     if request is not None:
-        rounds = request.rounds or runs.rounds
-        return RunPlan(
-            "manual", tuple(online), runs.min_agents, rounds, f"requested, {len(online)} online"
-        )
+        return RunPlan("manual", tuple(online), f"requested, {len(online)} online", request.rounds)
     if last_ended is not None and now - last_ended < runs.cooldown_s:
         left = runs.cooldown_s - (now - last_ended)
         return Idle(f"cooling down for {left:.0f} s more")
@@ -95,11 +92,7 @@ def decide(
         if len(online) < runs.min_agents:
             return Idle(f"scheduled run due; {len(online)} of {runs.min_agents} agents online")
         return RunPlan(
-            "schedule",
-            tuple(online),
-            runs.min_agents,
-            runs.rounds,
-            f"every {runs.every_s:g} s, {len(online)} agents online",
+            "schedule", tuple(online), f"every {runs.every_s:g} s, {len(online)} agents online"
         )
     ready = tuple(
         sorted(a.agent_id for a in agents if a.online and a.episodes >= runs.min_new_episodes)
@@ -112,7 +105,5 @@ def decide(
     return RunPlan(
         "episodes",
         ready,
-        runs.min_agents,
-        runs.rounds,
         f"{len(ready)} agents online with >= {runs.min_new_episodes} new episodes",
     )

@@ -159,7 +159,7 @@ def gather_stats(grid: Grid, nodes: list[int], timeout_s: float) -> Stats:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    settings = RunSettings.from_run_config(dict(context.run_config))
+    settings = RunSettings.from_flower(dict(context.run_config), "run config")
     run_dir = Path(settings.run_dir) if settings.run_dir else new_run_dir()
     setup_logging(run_dir, "hub")
     store = AdapterStore(

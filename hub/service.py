@@ -21,28 +21,8 @@ the last run) and ``hub.sock``. Logs go to ``$LOGS_DIRECTORY`` (systemd), else
 A parent that hands down ``$ZK0_RUN_DIR`` (the demo) gets everything inside that folder
 instead, runs under ``runs/``.
 
-Control commands (``zk0.shared.control`` on the control socket; one JSON object each way):
-
-``status``
-    ``{"hub": {pid, started_at, config, state_dir, log_dir, trigger},
-    "superlink": {address, up, state, pid, restarts, last_exit},
-    "distribution": {bind_host, publish_port, fetch_port},
-    "current_version": int | null, "versions": [int],
-    "run": null | {index, started_at, run_dir, rounds, completed_rounds, min_nodes, trigger,
-    agents}, "next_run": str (why no run starts now), "runs_started": int,
-    "runs_completed": int, "runs_failed": int,
-    "last_run": null | {index, run_dir, returncode, ended_at, error},
-    "agents": [{agent_id, online, applied, in_use, state, episodes, last_seen_s, converged}],
-    "converged": bool (every online agent runs the current version),
-    "enrolled": {agent_id: node id | null}}``
-``start_run`` (``rounds``: optional int)
-    Starts a run now, whatever the trigger and cooldown; refused while one is in progress or
-    the SuperLink is down. Returns the run as in ``status``.
-``register_keys``
-    Registers every enrolled SuperNode key not yet registered and unregisters withdrawn ones,
-    now (a few seconds: one ``flwr`` call per key); refused while the SuperLink is down.
-    Returns ``{registered: [agent], unregistered: [agent], failed: {agent: error},
-    enrolled: {agent: node id}}``.
+Control commands: ``zk0.shared.hub_control`` (``status``, ``start_run``, ``register_keys``),
+on the control socket (``zk0.shared.control``).
 """
 
 from __future__ import annotations
@@ -52,21 +32,22 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from loguru import logger
 
+from zk0.hub import status as status_view
 from zk0.hub.distribution import DistributionServer
 from zk0.hub.enrolment import REGISTRY_FILE, Enrolment
-from zk0.hub.runs import RUNS_FILE, FederatedRun, RunBook, RunOutcome, now_iso, run_folder
+from zk0.hub.runs import RUNS_FILE, FederatedRun, RunBook, now_iso, run_folder, run_settings
 from zk0.hub.scheduler import AgentView, Idle, ManualRequest, RunPlan, decide
-from zk0.hub.superlink import CONNECTION, SuperLinkSettings
-from zk0.hub.supervisor import HubSuperLink, SuperLinkSupervisor
+from zk0.hub.superlink import CONNECTION, SuperLink, SuperLinkSettings
+from zk0.shared import hub_control as hc
 from zk0.shared.config import ConfigError, HubConfig, HubKeys
 from zk0.shared.control import ControlServer, RefusedError
-from zk0.shared.federation import REPO_ROOT
 from zk0.shared.flower_keys import TlsFiles
+from zk0.shared.hub_control import RunOutcome
 from zk0.shared.logs import OUTPUTS_ENV, new_run_dir, setup_logging
+from zk0.shared.processes import Supervised
 from zk0.shared.sdnotify import Watchdog, credential_path, handle_sigterm, notify, service_dirs
 from zk0.shared.store import AdapterStore
 
@@ -75,6 +56,8 @@ LOOP_WAIT_S = 0.25
 #: How often the loop looks for node keys to (un)register and refreshes ``STATUS=``.
 KEY_CHECK_S = 2.0
 STATUS_EVERY_S = 1.0
+#: A (re)started SuperLink that does not listen within this long is killed and tried again.
+SUPERLINK_START_S = 60.0
 
 
 def _security(config: HubConfig, config_path: Path) -> tuple[HubKeys, TlsFiles]:
@@ -98,8 +81,6 @@ def _security(config: HubConfig, config_path: Path) -> tuple[HubKeys, TlsFiles]:
     for name, path in found.items():
         if not path.is_file():
             raise ConfigError(f"{config_path}: {name}: {path}: no such file (zk0-hub keys init)")
-    if not (REPO_ROOT / "pyproject.toml").is_file():
-        raise ConfigError(f"{REPO_ROOT}: no pyproject.toml, so no Flower App to run")
     keys = config.keys.model_copy(
         update={
             "curve_secret": found["keys.curve_secret"],
@@ -124,15 +105,23 @@ class HubService:
         self.started_at = now_iso()
         self.database = self.state_dir / "superlink.db"
         settings = SuperLinkSettings(config.bind_host, config.flower_port, self.database, self.tls)
-        link = HubSuperLink(settings, self.state_dir / "flwr-home", self.log_dir / "hub")
-        self.supervisor = SuperLinkSupervisor(link)
+        self.link = SuperLink(settings, self.state_dir / "flwr-home", self.log_dir / "hub")
+        # Restarted with a back-off when it exits; its database keeps registered nodes and
+        # runs, and SuperNodes reconnect by themselves.
+        self.supervisor = Supervised(
+            lambda: self.link.process,
+            ready=self.link.accepts,
+            start_timeout_s=SUPERLINK_START_S,
+            max_backoff_s=60.0,
+        )
         self.enrolment = Enrolment(
-            self.keys.allow_list_dir, self.state_dir / REGISTRY_FILE, link.flwr
+            self.keys.allow_list_dir, self.state_dir / REGISTRY_FILE, self.link.flwr
         )
         self.control: ControlServer | None = None
         self.distribution: DistributionServer | None = None
         self.run: FederatedRun | None = None
-        self.book = RunBook(self.state_dir / RUNS_FILE)
+        self.book_path = self.state_dir / RUNS_FILE
+        self.book = RunBook()
         self.last_started = time.monotonic()  # the schedule trigger counts from the hub's start
         self.last_ended: float | None = None
         self.next_run = "starting"
@@ -167,19 +156,19 @@ class HubService:
     def _start(self) -> None:
         config = self.config
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.book.load()
-        self.control = ControlServer(
-            config.control_socket_path,
-            {
-                "status": self._cmd_status,
-                "start_run": self._cmd_start_run,
-                "register_keys": self._cmd_register_keys,
-            },
-            "zk0-hub",
-        ).start()
+        self.book = RunBook.load(self.book_path)
+        self.control = ControlServer(config.control_socket_path, hc.PROTOCOL, "zk0-hub")
+        self.control.on(hc.Status, lambda _: self.status())
+        self.control.on(hc.StartRun, self._cmd_start_run)
+        self.control.on(hc.RegisterKeys, self._cmd_register_keys)
+        self.control.start()
         if not self.database.exists():
             self.enrolment.forget()
-        self.supervisor.start()
+        if self.link.accepts():
+            # Our SuperLink would fail to bind while the readiness check saw the other one.
+            raise RuntimeError(f"{self.link.address}: another process listens there already")
+        self.link.write_connection()
+        self.supervisor.start(wait=True)
         self._sync_keys()
         self.distribution = DistributionServer(
             self.store,
@@ -195,11 +184,7 @@ class HubService:
         if self.run is not None:
             logger.warning("abandoning run {} (the hub is stopping)", self.run.index)
             self.run.stop()
-            self._finished(
-                RunOutcome(
-                    self.run.index, self.run.run_dir, -15, now_iso(), "abandoned: hub stopped"
-                )
-            )
+            self._finished(self.run.abandoned("abandoned: hub stopped"))
         if self.control is not None:
             self.control.close()
         if self.distribution is not None:
@@ -251,53 +236,38 @@ class HubService:
             return []
         now = time.time()
         return [
-            AgentView(r.agent_id, r.online(now, self.config.heartbeat_s), r.episodes)
+            AgentView(r.agent_id, r.online(now, self.config.heartbeat_s), r.report.episodes_new)
             for r in self.distribution.agents()
         ]
 
     def _start_run(self, plan: RunPlan, now: float) -> FederatedRun:
         index = self.book.runs_started + 1
-        run_dir = run_folder(self.logs_root, index)
-        runs = self.config.runs
-        run_config: dict[str, Any] = {
-            "policy": self.config.policy,
-            "num-server-rounds": plan.rounds,
-            "min-nodes": plan.min_nodes,
-            "round-timeout-s": runs.round_timeout_s,
-            "store-root": str(self.config.store_root.resolve()),
-            "run-dir": str(run_dir),
-            **runs.run_config,
-        }
-        # Waiting for nodes, statistics, round-0 evaluation, then training and evaluation in
-        # every round: each bounded by the round timeout in the ServerApp; plus some slack.
-        timeout_s = (3 + 2 * plan.rounds) * runs.round_timeout_s + 300.0
-        run = FederatedRun(
-            index, plan, run_dir, run_config, self.supervisor.link, REPO_ROOT, timeout_s
-        )
+        settings = run_settings(self.config, run_folder(self.logs_root, index), plan.rounds)
+        run = FederatedRun(index, plan, settings, self.link)
         self.book.runs_started = index
         self.last_started = now
         try:
             self.run = run.start()
         except OSError as error:  # e.g. the logs folder is full: a failed run, not a dead hub
             logger.error("run {} could not start: {}", index, error)
-            self._finished(RunOutcome(index, run_dir, -1, now_iso(), f"not started: {error}"))
+            self._finished(run.abandoned(f"not started: {error}"))
             return run
-        self.book.save()
+        self.book.save(self.book_path)
         return run
 
     def _finished(self, outcome: RunOutcome) -> None:
         self.run = None
         self.last_ended = time.monotonic()
-        self.book.finished(outcome)
+        self.book.finished(outcome, self.book_path)
 
     # -- node keys -----------------------------------------------------------------------------
 
-    def _sync_keys(self) -> dict[str, Any]:
+    def _sync_keys(self) -> hc.KeySync:
         try:
-            return self.enrolment.sync(CONNECTION).as_dict()
+            return self.enrolment.sync(CONNECTION)
         except Exception as error:  # a bad key file must not take the hub down
             logger.exception("node key registration failed")
-            return {"registered": [], "unregistered": [], "failed": {"*": str(error)}}
+            return hc.KeySync(failed={"*": str(error)})
 
     def _keys_in_background(self, now: float) -> None:
         """Register newly enrolled node keys off the loop (each ``flwr`` call takes ~1 s)."""
@@ -314,92 +284,36 @@ class HubService:
 
     # -- control commands ----------------------------------------------------------------------
 
-    def _cmd_register_keys(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _cmd_register_keys(self, _: hc.RegisterKeys) -> hc.KeySync:
         if not self.supervisor.up:
             raise RefusedError(
                 f"the SuperLink is {self.supervisor.state}; keys are registered once it is up"
             )
         return self._sync_keys()
 
-    def _cmd_start_run(self, args: dict[str, Any]) -> dict[str, Any]:
-        rounds = args.get("rounds")
-        if rounds is not None and (
-            isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1
-        ):
-            raise RefusedError(f"rounds must be a positive integer, got {rounds!r}")
+    def _cmd_start_run(self, command: hc.StartRun) -> hc.RunView:
         if self.run is not None:
+            view = self.run.view()
             raise RefusedError(
-                f"run {self.run.index} is in progress "
-                f"(round {self.run.completed_rounds()}/{self.run.plan.rounds})"
+                f"run {view.index} is in progress (round {view.completed_rounds}/{view.rounds})"
             )
-        decision = self._decide(time.monotonic(), ManualRequest(rounds))
+        decision = self._decide(time.monotonic(), ManualRequest(command.rounds))
         if isinstance(decision, Idle):
             raise RefusedError(f"no run started: {decision.reason}")
         run = self._start_run(decision, time.monotonic())
         if self.run is not run:
             raise RefusedError(f"run {run.index} could not start; see the hub's log")
-        return run.as_dict()
+        return run.view()
 
-    def _cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
-        link = self.supervisor.link
-        pointer = self.store.current()
-        current = pointer.version if pointer else None
-        now = time.time()
-        records = [
-            r for r in (self.distribution.agents() if self.distribution else []) if not r.revoked
-        ]
-        agents = [
-            {
-                "agent_id": r.agent_id,
-                "online": r.online(now, self.config.heartbeat_s),
-                "applied": r.applied,
-                "in_use": r.in_use,
-                "state": r.state,
-                "episodes": r.episodes,
-                "last_seen_s": round(now - r.last_seen, 1),
-                "converged": current is not None and r.in_use == current,
-            }
-            for r in records
-        ]
-        return {
-            "hub": {
-                "pid": os.getpid(),
-                "started_at": self.started_at,
-                "config": str(self.config_path),
-                "state_dir": str(self.state_dir),
-                "log_dir": str(self.log_dir),
-                "trigger": self.config.runs.trigger,
-            },
-            "superlink": {
-                "address": link.address,
-                "up": self.supervisor.up,
-                "state": self.supervisor.state,
-                "pid": link.pid if link.process.running else None,
-                "restarts": self.supervisor.restarts,
-                "last_exit": self.supervisor.last_exit,
-            },
-            "distribution": {
-                "bind_host": self.config.bind_host,
-                "publish_port": self.distribution.publish_port if self.distribution else None,
-                "fetch_port": self.distribution.fetch_port if self.distribution else None,
-            },
-            "current_version": current,
-            "versions": self.store.versions(),
-            "run": self.run.as_dict() if self.run else None,
-            "next_run": self.next_run,
-            **self.book.as_dict(),
-            "agents": agents,
-            "converged": all(a["converged"] for a in agents if a["online"]),
-            "enrolled": self.enrolment.enrolled(),
-        }
+    def status(self) -> hc.HubStatus:
+        return status_view.hub_status(self)
 
     def _status_text(self) -> str:
         """One line for systemd's ``STATUS=`` (``systemctl status zk0-hub``)."""
         parts = [] if self.supervisor.up else [f"SuperLink {self.supervisor.state}"]
         if self.run is not None:
-            parts.append(
-                f"run {self.run.index} round {self.run.completed_rounds()}/{self.run.plan.rounds}"
-            )
+            view = self.run.view()
+            parts.append(f"run {view.index} round {view.completed_rounds}/{view.rounds}")
         else:
             parts.append("idle")
         online = sum(1 for a in self._agent_views() if a.online)

@@ -109,8 +109,8 @@ class VersionCache:
         self._served.pop(version, None)
 
 
-def _error(code: str, detail: str, version: int | None = None) -> list[bytes]:
-    return p.encode(p.ErrorReply(code, detail[:300], version))
+def _error(code: p.ErrorCode, detail: str, version: int | None = None) -> list[bytes]:
+    return p.encode(p.ErrorReply(code=code, detail=detail[:300], version=version))
 
 
 class FetchService:
@@ -160,7 +160,11 @@ class FetchService:
             if served is None or served.artifact_id != message.artifact_id:
                 return _error("unknown_version", "no such version/artifact id", message.version)
             self.bytes_served += len(served.manifest_bytes)
-            reply = p.ManifestReply(served.version, served.artifact_id, served.manifest_bytes)
+            reply = p.ManifestReply(
+                version=served.version,
+                artifact_id=served.artifact_id,
+                manifest=served.manifest_bytes,
+            )
             return p.encode(reply)
         assert isinstance(message, p.GetChunk)
         return self._chunk(message, source)
@@ -186,7 +190,12 @@ class FetchService:
             self.cache.forget(request.version)
             return _error("unavailable", "the hub cannot read that version", request.version)
         self.bytes_served += len(data)
-        header = p.ChunkReply(served.version, served.artifact_id, request.file, request.offset)
+        header = p.ChunkReply(
+            version=served.version,
+            artifact_id=served.artifact_id,
+            file=request.file,
+            offset=request.offset,
+        )
         return p.encode(header, data)
 
     def _on_status(self, status: p.Status, key: str) -> None:

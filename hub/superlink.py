@@ -18,15 +18,21 @@ import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from loguru import logger
 
-from zk0.shared.federation import flower_config_arg
+from zk0.hub.flower_app import write_flower_app
+from zk0.shared.federation import RunSettings, flower_config_arg
 from zk0.shared.flower_keys import TlsFiles
-from zk0.shared.processes import ManagedProcess, flower_env, free_port, wait_for_port
+from zk0.shared.processes import ManagedProcess, accepts, flower_env, free_port, wait_for_port
 
 CONNECTION = "zk0"
+#: Addresses a server binds to that a client cannot dial; the hub's own ``flwr`` dials loopback.
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def dial_host(bind_host: str) -> str:
+    return "127.0.0.1" if bind_host in WILDCARD_HOSTS else bind_host
 
 
 @dataclass(frozen=True)
@@ -60,35 +66,46 @@ class _ManagedSuperLink(ABC):
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """Where ``flwr`` (and a readiness check) dials this SuperLink."""
+        return f"{dial_host(self.host)}:{self.port}"
+
+    def accepts(self) -> bool:
+        return accepts(dial_host(self.host), self.port)
 
     @abstractmethod
     def connection_toml(self) -> str:
         """This SuperLink's lines of its connection in ``config.toml``, after the address."""
 
-    def start(self, timeout_s: float = 60.0) -> None:
+    def write_connection(self) -> None:
+        """The ``zk0`` connection in ``$FLWR_HOME/config.toml``, through which ``flwr`` talks to
+        this SuperLink (needed before any ``flwr`` command)."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
             f"[superlink]\ndefault = '{CONNECTION}'\n\n[superlink.{CONNECTION}]\n"
             f"address = '{self.address}'\n{self.connection_toml()}"
         )
-        wait_for_port(self.host, self.port, self.process.start(), timeout_s)
 
-    def run(
-        self, app_dir: Path, run_config: dict[str, Any], timeout_s: float
-    ) -> subprocess.CompletedProcess[str]:
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start it and wait until it listens (tests and benches; the hub daemon supervises
+        ``process`` instead)."""
+        self.write_connection()
+        wait_for_port(dial_host(self.host), self.port, self.process.start(), timeout_s)
+
+    def run(self, settings: RunSettings, timeout_s: float) -> subprocess.CompletedProcess[str]:
         """Submit the zk0 Flower App and stream it to completion (``flwr run --stream``)."""
-        return self.flwr(*self.run_args(app_dir, run_config), timeout_s=timeout_s)
+        return self.flwr(*self.run_args(settings), timeout_s=timeout_s)
 
-    def run_args(self, app_dir: Path, run_config: dict[str, Any]) -> list[str]:
-        """``flwr`` arguments that submit the zk0 Flower App and stream its log."""
+    def run_args(self, settings: RunSettings) -> list[str]:
+        """``flwr`` arguments that submit the zk0 Flower App with ``settings`` and stream its
+        log. The app is written (from the package) into this SuperLink's Flower home."""
+        app = write_flower_app(self.flwr_home / "zk0-app")
         return [
             "run",
-            str(app_dir),
+            str(app),
             CONNECTION,
             "--stream",
             "--run-config",
-            flower_config_arg(run_config),
+            flower_config_arg(settings.to_flower()),
             *self.run_options(),
         ]
 

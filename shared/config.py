@@ -6,12 +6,14 @@ naming the file and the field instead of being silently ignored on a real arm.
 
 from __future__ import annotations
 
-import re
+from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from zk0.shared.validation import describe
 
 #: LeRobot's convention for SmolVLA checkpoints: cameras feed these keys, missing ones are
 #: declared as ``empty_cameras``. The tiny bases use camera1 = front, camera2 = wrist.
@@ -145,7 +147,19 @@ class AgentKeys(StrictModel):
     hub_ca_cert: Path | None = None
 
 
-class AgentConfig(StrictModel):
+class AgentCompute(StrictModel):
+    """How an agent shares its workstation with federated rounds (agent.yaml; the agent daemon
+    hands the same fields to its SuperNode's ClientApp as node config)."""
+
+    #: How long a federated round waits for the arm and the compute before the agent skips it
+    #: (the hub counts it as dropped): recording and a running policy come first.
+    train_wait_s: Annotated[float, Field(ge=0)] = 120.0
+    #: CPU threads for torch in training and inference: the control loop needs cores too, and
+    #: oversubscribed cores make torch 10-80x slower.
+    torch_threads: Annotated[int, Field(ge=1, le=256)] = 1
+
+
+class AgentConfig(AgentCompute):
     """One robot workstation. ``agent_id`` names the arm in logs, keys, Flower and eval history."""
 
     agent_id: str = Field(pattern=AGENT_ID_PATTERN)
@@ -157,11 +171,6 @@ class AgentConfig(StrictModel):
     #: The daemon's local control socket (its CLI and its ClientApp); default
     #: ``<data_root>/agent.sock``.
     control_socket: Path | None = None
-    #: How long a federated round waits for the arm and the compute before the agent skips it
-    #: (the hub counts it as dropped): recording and a running policy come first.
-    train_wait_s: Annotated[float, Field(ge=0)] = 120.0
-    #: CPU threads for torch in training and inference: the control loop needs cores too.
-    torch_threads: Annotated[int, Field(ge=1, le=256)] = 1
 
     def load_robot_config(self) -> RobotConfig:
         return load_robot_config(self.robot_config)
@@ -197,9 +206,7 @@ class HubTls(StrictModel):
 #: Run-config keys the hub sets itself from other fields; ``runs.run_config`` may not set them.
 HUB_SET_RUN_KEYS = {
     "policy": "policy",
-    "num-server-rounds": "runs.rounds",
     "min-nodes": "runs.min_agents",
-    "round-timeout-s": "runs.round_timeout_s",
     "store-root": "store_root",
     "run-dir": "(a fresh run folder per run)",
 }
@@ -220,11 +227,10 @@ class RunsConfig(StrictModel):
     #: Online agents needed to start a run; also the run's ``min-nodes``.
     min_agents: Annotated[int, Field(ge=1)] = 2
     every_s: Annotated[float, Field(gt=0)] | None = None
-    rounds: Annotated[int, Field(ge=1, le=10_000)] = 3
     cooldown_s: Annotated[float, Field(ge=0)] = 60.0
-    round_timeout_s: Annotated[float, Field(gt=0)] = 600.0
-    #: Further Flower run-config values (``local-steps``, ``lr``, ...), passed through as they
-    #: are; keys are RunSettings' (``zk0.shared.federation``), dashed or with underscores.
+    #: The run's settings (``num-server-rounds``, ``round-timeout-s``, ``local-steps``, ``lr``,
+    #: ...): ``zk0.shared.federation.RunSettings``, whose defaults apply to what is not given.
+    #: Keys dashed, as Flower spells them, or with underscores.
     run_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
     @field_validator("run_config")
@@ -235,8 +241,7 @@ class RunsConfig(StrictModel):
         # Imported here: zk0.shared.federation imports this module.
         from zk0.shared.federation import RunSettings
 
-        fields = (name.replace("_", "-") for name in RunSettings.model_fields)
-        known = sorted(key for key in fields if key not in HUB_SET_RUN_KEYS)
+        known = sorted(key for key in RunSettings.flower_keys() if key not in HUB_SET_RUN_KEYS)
         dashed = {key.replace("_", "-"): item for key, item in value.items()}
         for key in dashed:
             if key in HUB_SET_RUN_KEYS:
@@ -246,7 +251,7 @@ class RunsConfig(StrictModel):
                     f"unknown Flower run-config key {key!r} (known: {', '.join(known)})"
                 )
         try:  # the values too: a bad lr fails here, not an hour later in the first round
-            RunSettings.from_run_config(dashed)
+            RunSettings.from_flower(dashed, "run config")
         except ConfigError as error:
             raise ValueError(str(error).removeprefix("run config: ")) from None
         return dashed
@@ -310,22 +315,19 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _format_error(path: Path, error: ValidationError) -> str:
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    message = re.sub(r"^Value error, ", "", first["msg"])
-    more = len(error.errors()) - 1
-    suffix = f" (and {more} more)" if more else ""
-    return f"{path}: {location}: {message}{suffix}"
-
-
 def load_yaml_model[M: BaseModel](path: Path, model: type[M]) -> M:
     """Load ``path`` into ``model``; relative paths inside resolve against the file's folder."""
     path = Path(path)
     try:
-        raw = yaml.load(path.read_text(), Loader=_StrictLoader)
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a YAML file") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {error.start}); is it the right file?"
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -336,7 +338,7 @@ def load_yaml_model[M: BaseModel](path: Path, model: type[M]) -> M:
     try:
         loaded = model.model_validate(raw, context={"base_dir": path.parent})
     except ValidationError as error:
-        raise ConfigError(_format_error(path, error)) from None
+        raise ConfigError(f"{path}: {describe(error)}") from None
     return _resolve_paths(loaded, path.parent.resolve())
 
 
@@ -351,8 +353,42 @@ def _resolve_paths[M: BaseModel](model: M, base_dir: Path) -> M:
     return model.model_copy(update=updates) if updates else model
 
 
-def load_robot_config(path: Path) -> RobotConfig:
-    return load_yaml_model(path, RobotConfig)
+#: The robot configs shipped in the package (``robot_configs/`` in the source tree).
+SHIPPED_ROBOT_CONFIGS = "zk0.robot_configs"
+#: What a run, a bench or a command falls back to: the simulated SO-101.
+DEFAULT_ROBOT_CONFIG = "sim_so101"
+
+
+def shipped_robot_configs() -> list[str]:
+    """Names of the robot configs shipped with zk0 (``sim_so101``, ``so101``, ...)."""
+    folder = files(SHIPPED_ROBOT_CONFIGS)
+    return sorted(
+        entry.name.removesuffix(".yaml")
+        for entry in folder.iterdir()
+        if entry.name.endswith(".yaml")
+    )
+
+
+def robot_config_path(name_or_path: str | Path) -> Path:
+    """A robot config file: a path as given, or the name of one shipped with zk0.
+
+    A bare name (``sim_so101``, no folder, no ``.yaml``) that is not a file here means the
+    shipped config of that name, so commands work the same from a source checkout, a wheel or
+    the image.
+    """
+    text = str(name_or_path)
+    if Path(text).exists() or "/" in text or text.endswith((".yaml", ".yml")):
+        return Path(text)
+    shipped = files(SHIPPED_ROBOT_CONFIGS) / f"{text}.yaml"
+    if not isinstance(shipped, Path) or not shipped.is_file():
+        known = ", ".join(shipped_robot_configs())
+        raise ConfigError(f"{text}: no such file, nor a robot config shipped with zk0 ({known})")
+    return shipped
+
+
+def load_robot_config(path: str | Path) -> RobotConfig:
+    """A robot config from a file, or by the name of a shipped one (see ``robot_config_path``)."""
+    return load_yaml_model(robot_config_path(path), RobotConfig)
 
 
 def load_agent_config(path: Path) -> AgentConfig:

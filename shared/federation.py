@@ -1,19 +1,33 @@
-"""Settings of a federated run, shared by the hub's ServerApp and the agents' ClientApp.
+"""Settings of a federated run and of each SuperNode: declared once here, serialised from here.
 
-They arrive as Flower's run config (``[tool.flwr.app.config]`` in pyproject.toml, overridden
-with ``flwr run --run-config``) and node config (``flower-supernode --node-config``); both are
-validated here, at the edge, so a typo fails the run with one line instead of deep in a round.
+They travel as Flower's flat configs: the run config (``flwr run --run-config``, which the hub
+writes from :class:`RunSettings`) and each SuperNode's node config (``flower-supernode
+--node-config``, which the agent daemon writes from :class:`NodeSettings`). Each model turns
+itself into that config (:meth:`FlowerSettings.to_flower`) and back
+(:meth:`FlowerSettings.from_flower`), validating at the edge, so a typo fails the run with one
+line instead of deep in a round. Flower spells keys with dashes (``local-steps``); the models
+with underscores (``local_steps``); nothing else spells them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from copy import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 
-from zk0.shared.config import AGENT_ID_PATTERN, ConfigError
+from zk0.shared.config import (
+    AGENT_ID_PATTERN,
+    DEFAULT_ROBOT_CONFIG,
+    AgentCompute,
+    ConfigError,
+    StrictModel,
+    robot_config_path,
+)
 from zk0.shared.lora import LoraSpec
+from zk0.shared.validation import describe
 
 # Record names in the messages between ServerApp and ClientApp.
 ARRAYS_KEY = "arrays"  # ArrayRecord: adapter tensors (PEFT names)
@@ -27,11 +41,10 @@ EVAL_MSE = "eval-mse"
 TRAIN_SECONDS = "train-seconds"
 NORMALIZATION = "normalization"
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_ROBOT_CONFIG = REPO_ROOT / "robot_configs" / "sim_so101.yaml"
+FlowerValue = str | int | float | bool
 
 
-def _toml_value(value: Any) -> str:
+def _toml_value(value: FlowerValue) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -39,46 +52,85 @@ def _toml_value(value: Any) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def flower_config_arg(values: dict[str, Any]) -> str:
+def flower_config_arg(values: Mapping[str, FlowerValue]) -> str:
     """Flower's ``--run-config``/``--node-config`` syntax: ``key=value`` pairs, TOML values."""
     return " ".join(f"{key}={_toml_value(value)}" for key, value in values.items())
 
 
-class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+def flower_key(field: str) -> str:
+    return field.replace("_", "-")
+
+
+class FlowerSettings(StrictModel):
+    """Settings that travel as one of Flower's flat configs (dashed keys, TOML scalars)."""
 
     @classmethod
-    def parse(cls, raw: dict[str, Any], where: str) -> Any:
+    def from_flower(cls, raw: Mapping[str, Any], where: str) -> Self:
         """Validate Flower's dashed keys (``local-steps``) as fields (``local_steps``)."""
         try:
             return cls.model_validate({key.replace("-", "_"): value for key, value in raw.items()})
         except ValidationError as error:
-            first = error.errors()[0]
-            field = ".".join(str(part) for part in first["loc"]).replace("_", "-")
-            raise ConfigError(f"{where}: {field}: {first['msg']}") from None
+            raise ConfigError(f"{where}: {describe(error, dashed=True)}") from None
+
+    def to_flower(self) -> dict[str, FlowerValue]:
+        """The config Flower carries: every field, dashed, paths as text."""
+        values: dict[str, FlowerValue] = {}
+        for name, value in self.model_dump().items():
+            values[flower_key(name)] = str(value) if isinstance(value, Path) else value
+        return values
+
+    @classmethod
+    def flower_keys(cls) -> list[str]:
+        return [flower_key(name) for name in cls.model_fields]
 
 
-class RunSettings(_Settings):
-    """One federated run: which base, how many rounds, how clients train and are aggregated."""
+def _help(text: str) -> Any:
+    return Field(description=text)
 
-    policy: str = "tiny-sim-base"
-    robot_config: str = ""
-    num_server_rounds: int = Field(default=3, ge=1, le=10_000)
-    local_steps: int = Field(default=20, ge=1)
-    batch_size: int = Field(default=8, ge=1)
-    lr: float = Field(default=1e-4, gt=0)
-    aggregation: Literal["fedavg", "svd", "ffa"] = "fedavg"
-    lora_rank: int = Field(default=16, ge=1)
-    lora_alpha: float = Field(default=32.0, gt=0)
-    lora_dropout: float = Field(default=0.1, ge=0, lt=1)
-    min_nodes: int = Field(default=2, ge=1)
-    fraction_train: float = Field(default=1.0, gt=0, le=1)
-    round_timeout_s: float = Field(default=600.0, gt=0)
-    eval_frames: int = Field(default=24, ge=1)
-    seed: int = 0
-    store_root: str = ""
-    run_dir: str = ""
-    sim_data_root: str = ""
+
+def _lora_field(name: str) -> Any:
+    """A field declared as ``LoraSpec``'s ``name`` is (default, bounds and help)."""
+    return copy(LoraSpec.model_fields[name])
+
+
+class RunSettings(FlowerSettings):
+    """One federated run: which base, how many rounds, how clients train and are aggregated.
+
+    The defaults here are the run's defaults everywhere: the Flower App the hub submits carries
+    them (``zk0.hub.flower_app``) and ``runs.run_config`` in hub.yaml overrides them.
+    """
+
+    policy: Annotated[str, _help("Base policy: a Hub id, a checkpoint folder or a zk0 base.")] = (
+        "tiny-sim-base"
+    )
+    robot_config: Annotated[
+        str, _help("Robot config whose cameras and joints shape the policy (file or name).")
+    ] = DEFAULT_ROBOT_CONFIG
+    num_server_rounds: Annotated[int, Field(ge=1, le=10_000, description="Rounds per run.")] = 3
+    local_steps: Annotated[int, Field(ge=1, description="Optimizer steps per client round.")] = 20
+    batch_size: Annotated[int, Field(ge=1, description="Frames per training batch.")] = 8
+    lr: Annotated[float, Field(gt=0, description="Learning rate of the LoRA factors.")] = 1e-4
+    aggregation: Annotated[
+        Literal["fedavg", "svd", "ffa"], _help("How client adapters are merged.")
+    ] = "fedavg"
+    # LoraSpec's own fields (default, bounds, help), flat as Flower's run config needs them.
+    lora_rank: int = _lora_field("rank")
+    lora_alpha: float = _lora_field("alpha")
+    lora_dropout: float = _lora_field("dropout")
+    min_nodes: Annotated[int, Field(ge=1, description="SuperNodes a round needs.")] = 2
+    fraction_train: Annotated[
+        float, Field(gt=0, le=1, description="Share of nodes asked to train.")
+    ] = 1.0
+    round_timeout_s: Annotated[
+        float, Field(gt=0, description="How long a round waits for replies.")
+    ] = 600.0
+    eval_frames: Annotated[int, Field(ge=1, description="Held-out frames per evaluation.")] = 24
+    seed: Annotated[int, _help("Seed of training batches and evaluation frames.")] = 0
+    store_root: Annotated[str, _help("The hub's adapter store (empty: in the run folder).")] = ""
+    run_dir: Annotated[str, _help("Folder of this run's history and logs (empty: a new one).")] = ""
+    sim_data_root: Annotated[
+        str, _help("Simulation only: folder of one dataset per simulated agent.")
+    ] = ""
 
     @property
     def lora(self) -> LoraSpec:
@@ -86,36 +138,20 @@ class RunSettings(_Settings):
 
     @property
     def robot_config_path(self) -> Path:
-        return Path(self.robot_config) if self.robot_config else DEFAULT_ROBOT_CONFIG
-
-    @classmethod
-    def from_run_config(cls, run_config: dict[str, Any]) -> RunSettings:
-        settings: RunSettings = cls.parse(dict(run_config), "run config")
-        return settings
+        return robot_config_path(self.robot_config)
 
 
-class NodeSettings(_Settings):
-    """One SuperNode: which agent it is and where that agent's dataset lives."""
+class NodeSettings(FlowerSettings, AgentCompute):
+    """One SuperNode: which agent it is, where its dataset lives, how it shares the compute."""
 
     agent_id: str = Field(pattern=AGENT_ID_PATTERN)
     data_root: Path
-    #: CPU threads for torch in the ClientApp. One by default: on a robot PC the arm's control
-    #: loop and policy come first, and oversubscribed cores make torch 10-80x slower.
-    torch_threads: int = Field(default=1, ge=1, le=256)
     #: The agent daemon's control socket: ask it before using the compute (empty: no daemon,
-    #: e.g. a SuperNode started on its own).
+    #: e.g. a SuperNode started on its own or a simulated node).
     control_socket: str = ""
-    train_wait_s: float = Field(default=120.0, ge=0)
-
-    @field_validator("data_root")
-    @classmethod
-    def _exists(cls, value: Path) -> Path:
-        if not (value / "meta" / "info.json").is_file():
-            raise ValueError(f"{value} is not a LeRobot dataset (no meta/info.json)")
-        return value
 
     @classmethod
-    def from_node_config(cls, node_config: dict[str, Any], run: RunSettings) -> NodeSettings:
+    def from_node_config(cls, node_config: Mapping[str, Any], run: RunSettings) -> NodeSettings:
         """Deployment nodes name their agent id and data root; simulated ones get a partition."""
         raw = dict(node_config)
         if "partition-id" in raw and "agent-id" not in raw:
@@ -123,7 +159,13 @@ class NodeSettings(_Settings):
                 raise ConfigError("run config: sim-data-root is required in simulation")
             agent_id = f"sim-{int(raw['partition-id']):02d}"
             raw = {"agent-id": agent_id, "data-root": str(Path(run.sim_data_root) / agent_id)}
-        keys = ("agent-id", "data-root", "torch-threads", "control-socket", "train-wait-s")
-        known: dict[str, Any] = {key: raw[key] for key in keys if key in raw}
-        settings: NodeSettings = cls.parse(known, "node config")
+        # Flower adds keys of its own (partition ids, counts): read only ours.
+        settings = cls.from_flower(
+            {k: v for k, v in raw.items() if k in cls.flower_keys()}, "node config"
+        )
+        if not (settings.data_root / "meta" / "info.json").is_file():
+            raise ConfigError(
+                f"node config: data-root: {settings.data_root} is not a LeRobot dataset "
+                "(no meta/info.json: has this agent recorded any episode?)"
+            )
         return settings

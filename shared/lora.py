@@ -26,11 +26,13 @@ class LoraSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    rank: int = Field(default=16, gt=0, le=512)
-    alpha: float = Field(default=32.0, gt=0)
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    rank: int = Field(default=16, gt=0, le=512, description="LoRA rank r.")
+    alpha: float = Field(default=32.0, gt=0, description="LoRA alpha (scale alpha / r).")
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="LoRA dropout.")
     targets: tuple[Projection, ...] = Field(
-        default=("q_proj", "k_proj", "v_proj", "o_proj"), min_length=1
+        default=("q_proj", "k_proj", "v_proj", "o_proj"),
+        min_length=1,
+        description="Expert attention projections that get adapters.",
     )
 
     @property

@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ from zk0.shared.fsutil import file_lock, publish_dir, sha256_file, staging_dir_f
 
 CACHE_ENV = "ZK0_CACHE"
 #: Bases shipped in the package (pretrained here, small): ``tiny-sim-base``.
-COMMITTED_BASES = Path(__file__).resolve().parent / "bases"
+#: The bases shipped as package data (``shared/bases/<name>/``).
+COMMITTED_BASES = Path(str(files("zk0.shared") / "bases"))
 #: A committed base's config names its generated backbone as ``zk0-backbone:<name>``, since
 #: the backbone folder's path differs from machine to machine.
 BACKBONE_SCHEME = "zk0-backbone:"

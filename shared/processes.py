@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -106,69 +107,143 @@ class ManagedProcess:
         return self.process.returncode
 
 
-class Supervised:
-    """A child that is started again whenever it exits, as systemd's ``Restart=always`` would.
+def accepts(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on ``host:port`` now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.1):
+            return True
+    except OSError:
+        return False
 
-    ``make`` builds a fresh :class:`ManagedProcess` for every start (a new free port, say).
-    Restarts back off exponentially (``min_backoff_s`` doubling up to ``max_backoff_s``) so a
-    child that cannot start (its server is down) does not spin; a child that stayed up for
-    ``healthy_s`` is forgiven its earlier failures. Call :meth:`check` from the owner's loop.
+
+def log_tail(path: Path, lines: int = 1, chars: int = 300) -> str:
+    """The last non-empty line(s) of a log, shortened: why a child exited, in one line."""
+    try:
+        with path.open("rb") as log:
+            log.seek(0, 2)
+            log.seek(max(0, log.tell() - 8192))
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return ""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # Flower colours its log lines
+    kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    return " | ".join(kept)[-chars:]
+
+
+class Supervised:
+    """A child kept running, as systemd's ``Restart=always`` would: zk0's one supervisor (the
+    hub's SuperLink, the agent's SuperNode, the demo's daemons).
+
+    ``make`` builds the :class:`ManagedProcess` for every start (a new free port, say).
+    ``ready`` says whether a started child serves (say, accepts on its port; default: it runs);
+    one not ready within ``start_timeout_s`` is stopped and counts as a failure. Restarts back
+    off exponentially (``min_backoff_s`` doubling up to ``max_backoff_s``) so a child that
+    cannot start does not spin; one that stayed up for ``healthy_s`` is forgiven its earlier
+    failures. Stopping ends the child's whole process tree. The owner calls :meth:`check` from
+    its loop: each call is one bounded step, never a wait::
+
+        down --start--> starting --ready--> up --exits--> down --back-off--> starting ...
     """
 
     def __init__(
         self,
         make: Callable[[], ManagedProcess],
+        ready: Callable[[], bool] | None = None,
+        start_timeout_s: float = 60.0,
         min_backoff_s: float = 1.0,
         max_backoff_s: float = 30.0,
         healthy_s: float = 60.0,
     ) -> None:
-        self.make = make
-        self.min_backoff_s, self.max_backoff_s, self.healthy_s = (
-            min_backoff_s,
-            max_backoff_s,
-            healthy_s,
-        )
+        self.make, self.ready = make, ready or (lambda: True)
+        self.start_timeout_s = start_timeout_s
+        self.min_backoff_s, self.max_backoff_s = min_backoff_s, max_backoff_s
+        self.healthy_s = healthy_s
         self.child: ManagedProcess | None = None
+        self.state = "down"
         self.restarts = 0
+        self.last_exit: str | None = None
         self._backoff_s = min_backoff_s
-        self._started_at = 0.0
+        self._since = 0.0  # when the current state began (monotonic)
         self._restart_at: float | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.state == "up"
 
     @property
     def running(self) -> bool:
         return self.child is not None and self.child.running
 
-    def start(self) -> None:
-        self.child = self.make()
-        self.child.start()
-        self._started_at = time.monotonic()
-        self._restart_at = None
+    @property
+    def pid(self) -> int | None:
+        process = self.child.process if self.child is not None else None
+        return process.pid if process is not None and self.running else None
 
-    def check(self) -> None:
-        """Restart the child if it exited and its back-off has passed."""
-        if self.child is None or self.child.running:
+    def start(self, wait: bool = False) -> None:
+        """The first start; with ``wait``, block until ready (RuntimeError with the child's last
+        log line if it exits or is not ready within the start timeout)."""
+        self._launch(time.monotonic())
+        if not wait:
             return
-        now = time.monotonic()
-        if self._restart_at is None:
-            code = self.child.process.returncode if self.child.process is not None else None
-            if now - self._started_at >= self.healthy_s:
-                self._backoff_s = self.min_backoff_s
-            logger.warning(
-                "{} exited with {}; restarting in {:.0f} s (log {})",
-                self.child.name,
-                code,
-                self._backoff_s,
-                self.child.log_path,
-            )
-            self._restart_at = now + self._backoff_s
-            self._backoff_s = min(self.max_backoff_s, self._backoff_s * 2)
-        elif now >= self._restart_at:
+        deadline = time.monotonic() + self.start_timeout_s
+        while self.state == "starting" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            self._progress(time.monotonic())
+        if self.state != "up":
+            assert self.child is not None
+            self.stop()
+            why = self.last_exit or f"not ready within {self.start_timeout_s:.0f} s"
+            raise RuntimeError(f"{self.child.name} did not start ({why})")
+
+    def check(self, now: float | None = None) -> None:
+        """One step: notice an exit or readiness; restart once the back-off has passed."""
+        now = time.monotonic() if now is None else now
+        self._progress(now)
+        if self.state == "down" and self._restart_at is not None and now >= self._restart_at:
             self.restarts += 1
-            self.start()
+            self._launch(now)
 
     def stop(self) -> None:
         if self.child is not None:
             self.child.stop()
+        self.state, self._restart_at = "down", None
+
+    def _launch(self, now: float) -> None:
+        self.child = self.make()
+        self.child.start()
+        self.state, self._since, self._restart_at = "starting", now, None
+
+    def _progress(self, now: float) -> None:
+        child = self.child
+        if child is None or self.state == "down":
+            return
+        process = child.process
+        if process is not None and process.poll() is not None:
+            tail = log_tail(child.log_path)
+            self._failed(now, f"exited with {process.returncode}" + (f": {tail}" if tail else ""))
+        elif self.state == "starting":
+            if self.ready():
+                self.state, self._since = "up", now
+                logger.info("{} is up (pid {})", child.name, self.pid)
+            elif now - self._since > self.start_timeout_s:
+                child.stop()
+                self._failed(now, f"not ready within {self.start_timeout_s:.0f} s")
+        elif now - self._since >= self.healthy_s:
+            self._backoff_s = self.min_backoff_s  # it recovered: the back-off starts over
+
+    def _failed(self, now: float, reason: str) -> None:
+        assert self.child is not None
+        self.last_exit = reason
+        self.state, self._since = "down", now
+        self._restart_at = now + self._backoff_s
+        logger.error(
+            "{} {}; starting it again in {:.0f} s (log {})",
+            self.child.name,
+            reason,
+            self._backoff_s,
+            self.child.log_path,
+        )
+        self._backoff_s = min(self.max_backoff_s, self._backoff_s * 2)
 
 
 def descendants(pid: int) -> list[int]:

@@ -6,13 +6,12 @@ hands each simulated agent its variant) and the benches.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from zk0.shared.config import RobotConfig, load_robot_config
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SIM_ROBOT = REPO_ROOT / "robot_configs" / "sim_so101.yaml"
+#: The shipped robot config of the simulated SO-101 (``robot_configs/sim_so101.yaml``).
+SIM_ROBOT = "sim_so101"
 LEFT, RIGHT, ACROSS = (0.02, 0.10), (-0.10, -0.02), (-0.10, 0.10)
 
 #: The base task the tiny base is pretrained on: cubes from the near half to the far half.
@@ -51,11 +50,9 @@ CLIENT_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def variant_config(
-    options: dict[str, Any], episode_time_s: float, base: Path = SIM_ROBOT
-) -> RobotConfig:
+def variant_config(options: dict[str, Any], episode_time_s: float) -> RobotConfig:
     """The simulated arm's robot config with a task variant and episode length."""
-    config = load_robot_config(base)
+    config = load_robot_config(SIM_ROBOT)
     return RobotConfig.model_validate(
         {
             **config.model_dump(),

@@ -20,6 +20,7 @@ import yaml
 
 from conftest import SIM_ROBOT, FakeSystemd, wait_until
 from zk0.agent.client_app import compute_permission
+from zk0.shared import agent_control as ac
 from zk0.shared.config import load_robot_config
 from zk0.shared.control import ControlError, request
 from zk0.shared.federation import NodeSettings
@@ -65,8 +66,8 @@ def daemon(rig: Any, short_dir: Path, systemd: FakeSystemd) -> Any:
             self.process, self.config, self.config_path = process, config, path
             self.rig, self.server, self.socket = rig, server, config.control_socket
 
-        def status(self) -> dict[str, Any]:
-            return request(self.socket, "status")
+        def status(self) -> ac.AgentStatus:
+            return request(self.socket, ac.Status())
 
         def cli(self, *args: str) -> str:
             result = subprocess.run(
@@ -79,10 +80,10 @@ def daemon(rig: Any, short_dir: Path, systemd: FakeSystemd) -> Any:
             assert result.returncode == 0, result.stderr
             return result.stdout
 
-        def job_done(self) -> dict[str, Any]:
-            wait_until(lambda: self.status()["job"]["state"] != "running", 120, "the job")
-            job: dict[str, Any] = self.status()["job"]
-            assert job["state"] == "done", job
+        def job_done(self) -> ac.JobView:
+            wait_until(lambda: getattr(self.status().job, "state", "") != "running", 120, "job")
+            job = self.status().job
+            assert job is not None and job.state == "done", job
             return job
 
     yield Daemon()
@@ -97,8 +98,8 @@ def test_ready_means_serving_and_the_watchdog_follows_the_loop(
     lines = systemd.until("READY=1", timeout_s=180)
     assert any(line.startswith("STATUS=connecting the arm") for line in lines)
     status = daemon.status()  # READY came after the control socket was up
-    assert status["state"] == "idle" and status["in_use"] is None
-    assert status["dataset"]["episodes"] == 0
+    assert status.report.state == "idle" and status.in_use is None
+    assert status.report.episodes_total == 0 and status.report.last_round is None
     assert systemd.during(2.5).count("WATCHDOG=1") >= 2
     assert "in use base" in daemon.cli("status")
 
@@ -107,45 +108,57 @@ def test_the_arm_comes_first_and_versions_hot_swap(daemon: Any, systemd: FakeSys
     systemd.until("READY=1", timeout_s=180)
     version = daemon.rig.new_version()
     daemon.server.publish(version)
-    wait_until(lambda: daemon.status()["in_use"] == version, 60, "the hot swap")
+    wait_until(lambda: daemon.status().in_use == version, 60, "the hot swap")
 
     assert "recording 2 episodes" in daemon.cli("start-recording", "--episodes", "2", "--no-wait")
-    wait_until(lambda: daemon.status()["state"] == "recording", 30, "recording")
-    refused = request(daemon.socket, "compute_begin", pid=os.getpid(), round=1, phase="train")
-    assert not refused["granted"] and "recording" in refused["reason"]
+    wait_until(lambda: daemon.status().report.state == "recording", 30, "recording")
+    pid = os.getpid()
+    refused = request(daemon.socket, ac.ComputeBegin(pid=pid, round=1, phase="train"))
+    assert not refused.granted and refused.reason is not None and "recording" in refused.reason
+    assert daemon.status().report.job == "record"
     with pytest.raises(ControlError, match="the arm is busy"):
-        request(daemon.socket, "run_task", episodes=1)
-    assert daemon.job_done()["result"]["total_episodes"] == 2
-    assert daemon.status()["new_episodes"] == 2
+        request(daemon.socket, ac.RunTask(episodes=1))
+    recorded = daemon.job_done().result
+    assert isinstance(recorded, ac.RecordResult) and recorded.total_episodes == 2
+    report = daemon.status().report
+    assert (report.episodes_new, report.episodes_total, report.job) == (2, 2, None)
+    assert report.frames_total > 0 and report.recorded_s == pytest.approx(report.frames_total / 30)
 
-    granted = request(daemon.socket, "compute_begin", pid=os.getpid(), round=1, phase="train")
-    assert granted["granted"]
+    assert request(daemon.socket, ac.ComputeBegin(pid=pid, round=1, phase="train")).granted
     status = daemon.status()
-    assert status["state"] == "training" and status["new_episodes"] == 0
-    assert status["last_round"]["round"] == 1
+    assert status.report.state == "training" and status.report.episodes_new == 0
+    assert status.training == ac.Training(round=1, phase="train")
 
     # A task on the arm starts even while a round trains, with the hot-swapped version.
-    request(daemon.socket, "run_task", episodes=1, horizon_s=1.0)
-    result = daemon.job_done()["result"]
-    assert result["episodes"] == 1 and result["adapter_version"] == version
-    assert request(daemon.socket, "compute_end", pid=os.getpid())["released"]
+    request(daemon.socket, ac.RunTask(episodes=1, horizon_s=1.0))
+    result = daemon.job_done().result
+    assert isinstance(result, ac.TaskResult)
+    assert result.episodes == 1 and result.adapter_version == version
+    ended = ac.ComputeEnd(pid=pid, round=1, phase="train", outcome="replied")
+    assert request(daemon.socket, ended).released
+    last = daemon.status().report.last_round
+    assert last is not None and (last.round, last.outcome) == (1, "trained")
 
     assert "now running the base policy" in daemon.cli("rollback")
-    assert daemon.status()["in_use"] is None
+    wait_until(lambda: daemon.status().in_use is None, 30, "the base in use again")
 
     # A ClientApp process that dies holding the compute does not block the agent forever.
     dead = subprocess.Popen(["true"])
     dead.wait()
-    assert request(daemon.socket, "compute_begin", pid=dead.pid, round=2, phase="train")["granted"]
-    wait_until(lambda: daemon.status()["state"] == "idle", 10, "the dead round's lease reaped")
+    assert request(daemon.socket, ac.ComputeBegin(pid=dead.pid, round=2, phase="train")).granted
+    wait_until(lambda: daemon.status().report.state == "idle", 10, "the dead round's lease reaped")
+    last = daemon.status().report.last_round
+    assert last is not None and (last.round, last.outcome) == (2, "dropped")
+    assert last.reason is not None and "died" in last.reason
+    assert "last round    2 (train) dropped" in daemon.cli("status")
 
 
 def test_sigterm_while_recording_keeps_the_episodes_and_exits_0(
     daemon: Any, systemd: FakeSystemd
 ) -> None:
     systemd.until("READY=1", timeout_s=180)
-    request(daemon.socket, "record", episodes=50)
-    wait_until(lambda: daemon.status()["dataset"]["episodes"] >= 1, 120, "a recorded episode")
+    request(daemon.socket, ac.Record(episodes=50))
+    wait_until(lambda: daemon.status().report.episodes_total >= 1, 120, "a recorded episode")
 
     # A federated round gives up after train-wait-s while the arm records (the hub drops it).
     root = daemon.config.dataset_root(load_robot_config(daemon.config.robot_config))
@@ -155,6 +168,8 @@ def test_sigterm_while_recording_keeps_the_episodes_and_exits_0(
     refused = r"busy for 2 s \(the arm is recording\); skipping round 3"
     with pytest.raises(RuntimeError, match=refused), compute_permission(node, 3, "train"):
         pytest.fail("the round trained while the arm was recording")
+    last = daemon.status().report.last_round
+    assert last is not None and (last.round, last.outcome) == (3, "skipped")
 
     systemd.during(0.1)  # room in its queue (systemd reads at once; this fake only now)
     daemon.process.send_signal(signal.SIGTERM)
@@ -164,4 +179,4 @@ def test_sigterm_while_recording_keeps_the_episodes_and_exits_0(
     assert info["total_episodes"] >= 1
     assert not Path(daemon.socket).exists()  # the control socket is gone with the daemon
     with pytest.raises(ControlError, match="no daemon"):
-        request(daemon.socket, "status")
+        request(daemon.socket, ac.Status())

@@ -50,7 +50,7 @@ def trained(
 
 def _zk0(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "zk0.shared.cli", *args], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "zk0.cli", *args], capture_output=True, text=True, check=False
     )
 
 

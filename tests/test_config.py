@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from zk0.agent.robots import robot_options
 from zk0.shared.config import (
     ConfigError,
     load_agent_config,
     load_hub_config,
     load_robot_config,
+    shipped_robot_configs,
 )
 from zk0.shared.features import PolicyFeatures
 
@@ -144,3 +146,66 @@ def test_agent_cli_reports_bad_file_as_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "missing.yaml: no such file" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "robot: {type: synthetic, id: r}\ntask: caf\xe9\n".encode("latin-1"),  # not UTF-8
+        b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)),  # a binary file
+    ],
+)
+def test_a_file_that_is_not_utf8_text_is_one_line_naming_it(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "robot.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        load_robot_config(path)
+    assert str(caught.value).startswith(f"{path}: not a UTF-8 text file")
+    assert "\n" not in str(caught.value)
+
+
+def test_shipped_robot_configs_are_found_by_name_wherever_zk0_is_installed() -> None:
+    assert shipped_robot_configs() == ["sim_so101", "so100", "so101", "synthetic"]
+    assert load_robot_config("synthetic") == load_robot_config(
+        REPO / "robot_configs/synthetic.yaml"
+    )
+    with pytest.raises(ConfigError, match=r"sim_so10: no such file, nor a robot config shipped"):
+        load_robot_config("sim_so10")
+
+
+@pytest.mark.parametrize(
+    ("robot", "options", "message"),
+    [
+        (
+            "synthetic",
+            "options: {realtime: true, colour: red}",
+            "options.colour: Extra inputs are not permitted",
+        ),
+        (
+            "sim_so101",
+            "options: {seed: many}",
+            "options.seed: Input should be a valid integer, unable to parse string as an integer",
+        ),
+        ("so101", "options: {seed: 1}", "options.seed: Extra inputs are not permitted"),
+    ],
+)
+def test_config_check_refuses_robot_options_as_recording_does(
+    tmp_path: Path, robot: str, options: str, message: str
+) -> None:
+    text = (REPO / "robot_configs" / f"{robot}.yaml").read_text().split("\noptions:")[0]
+    robot_yaml = tmp_path / "robot.yaml"
+    robot_yaml.write_text(f"{text}\n{options}\n")
+    agent = tmp_path / "agent.yaml"
+    agent.write_text(f"agent_id: a1\nrobot_config: {robot_yaml}\ndata_root: d\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "zk0.agent.cli", "config", "check", "--config", str(agent)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout
+    kind = load_robot_config(robot).robot.type
+    assert result.stderr.strip() == f"error: {robot_yaml}: {message} ({kind})"
+    # Recording refuses the same file with the same words.
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        robot_options(load_robot_config(robot_yaml))

@@ -7,12 +7,13 @@ the demo's supervisor restarts the killed one, and it converges to the newest ve
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from zk0.hub.demo import DemoOptions, run_demo
+from zk0.hub.demo import RESULTS_FILE, DemoResults, run_demo
+from zk0.hub.demo_fleet import DemoOptions
+from zk0.shared.agent_control import TaskResult
 from zk0.shared.store import AdapterStore
 
 
@@ -32,19 +33,26 @@ def test_a_killed_agent_restarts_and_converges(
     )
     run_dir = run_demo(options)
 
-    results = json.loads((run_dir / "demo_results.json").read_text())
-    newest = results["newest"]
+    results = DemoResults.model_validate_json((run_dir / RESULTS_FILE).read_text())
+    newest = results.newest
     store = AdapterStore(run_dir / "hub" / "adapters")
     assert store.latest_version() == newest
     round_2 = store.manifest(newest).metrics
     assert round_2["clients_trained"] == 1 and round_2["clients_dropped"] == 1
     assert store.manifest(newest - 1).metrics["clients_trained"] == 2
 
-    agents = results["agents"]
-    assert agents["sim-00"]["restarts"] == 1 and agents["sim-01"]["restarts"] == 0
-    for agent_id, status in agents.items():
-        assert status["in_use"] == newest, agent_id
-        assert status["job"]["result"]["episodes"] == 1
+    agents = results.agents
+    assert agents["sim-00"].restarts == 1 and agents["sim-01"].restarts == 0
+    for agent_id, agent in agents.items():
+        status = agent.status
+        assert status.in_use == newest, agent_id
+        assert status.job is not None and isinstance(status.job.result, TaskResult)
+        assert status.job.result.episodes == 1
+        assert status.report.last_round is not None, agent_id
+    # The survivor trained and evaluated every round; its daemon remembers how round 2 ended.
+    last = agents["sim-01"].status.report.last_round
+    assert last is not None and (last.round, last.outcome) == (2, "evaluated")
+    assert [a.report.episodes_total for a in results.hub.agents] == [4, 4]
     printed = capsys.readouterr().out
     assert "zk0 demo: 2 simulated SO-101 agents" in printed and f"v{newest}" in printed
     assert "eval_mse_chart.png" in printed

@@ -8,27 +8,46 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from conftest import wait_until
+from zk0.hub.fleet import load_fleet
+from zk0.shared.agent_status import AgentReport
 from zk0.shared.artifact import TENSORS_FILE
 from zk0.shared.distribution.keys import AllowList
 from zk0.shared.store import AdapterStore
 
 
 class Engine:
-    """Stands in for the inference engine: records every version it is handed."""
+    """Stands in for the inference engine: records every version it is handed and, like the
+    real one, reports the version in use (at once when wired, then on every change)."""
 
     def __init__(self) -> None:
         self.taken: list[tuple[int, str]] = []
+        self._lock = threading.Lock()
+        self._report: Callable[[int | None], None] | None = None
 
     def __call__(self, version: int, folder: Path, manifest: Any) -> None:
         assert (folder / TENSORS_FILE).is_file()
-        self.taken.append((version, manifest.artifact_id))
+        with self._lock:
+            self.taken.append((version, manifest.artifact_id))
+            if self._report is not None:
+                self._report(version)
+
+    def wire(self, subscriber: Any) -> Any:
+        """``engine.on_version_in_use = subscriber.set_in_use``, as the agent daemon wires it."""
+        with self._lock:
+            self._report = subscriber.set_in_use
+            if self.taken:
+                subscriber.set_in_use(self.taken[-1][0])
+        return subscriber
 
 
 def hub_id_of(rig: Any, version: int) -> str:
@@ -41,7 +60,7 @@ def test_every_agent_converges_to_each_published_version(rig: Any) -> None:
     server.publish(first)
     engines = [Engine() for _ in range(3)]
     agents = [
-        rig.subscriber(f"arm-{i}", server, on_new_version=engine)
+        engine.wire(rig.subscriber(f"arm-{i}", server, on_new_version=engine))
         for i, engine in enumerate(engines)
     ]
     wait_until(lambda: all(a.status().applied == first for a in agents), what="first version")
@@ -75,7 +94,7 @@ def test_offline_agent_serves_its_version_at_once_then_catches_up(rig: Any) -> N
     config = rig.agent_config("arm-a", server)
     from zk0.agent.distribution.subscriber import AdapterSubscriber
 
-    restarted = AdapterSubscriber.from_config(config, on_new_version=engine)
+    restarted = engine.wire(AdapterSubscriber.from_config(config, on_new_version=engine))
     start = time.monotonic()
     restarted.start()
     rig.subscribers.append(restarted)
@@ -118,7 +137,7 @@ def test_hub_restart_agents_reconnect_converge_and_never_go_back(rig: Any, tmp_p
         what="agents to hear the restored hub announce version 0",
     )
     time.sleep(3 * server.heartbeat_s)  # a few more announces and replies naming version 0
-    assert [(r.applied, r.in_use) for r in server.agents()] == [(1, None), (1, None)]
+    assert [(r.applied, r.in_use) for r in server.agents()] == [(1, None), (1, None)]  # no engine
     assert all(a.status().applied == 1 and a.store.current().version == 1 for a in agents)
 
 
@@ -158,7 +177,7 @@ def test_bit_flipped_artifact_is_refused_and_the_agent_keeps_its_version(rig: An
     server = rig.start_hub()
     server.publish(rig.new_version())
     engine = Engine()
-    agent = rig.subscriber("arm-a", server, on_new_version=engine)
+    agent = engine.wire(rig.subscriber("arm-a", server, on_new_version=engine))
     wait_until(lambda: agent.status().in_use == 0, what="version 0")
     agent.stop()
     server.publish(rig.new_version())  # verified by the hub when published...
@@ -167,7 +186,7 @@ def test_bit_flipped_artifact_is_refused_and_the_agent_keeps_its_version(rig: An
     data = bytearray(tensors.read_bytes())
     data[len(data) // 2] ^= 0x04  # ...then one bit rots on the hub's disk
     tensors.write_bytes(bytes(data))
-    restarted = rig.subscriber("arm-a", server, on_new_version=engine)
+    restarted = engine.wire(rig.subscriber("arm-a", server, on_new_version=engine))
     wait_until(lambda: (restarted.status().error or "").startswith("refused v1"), what="refusal")
     assert "sha256" in restarted.status().error
     assert restarted.status().applied == restarted.status().in_use == 0
@@ -182,15 +201,22 @@ def test_bit_flipped_artifact_is_refused_and_the_agent_keeps_its_version(rig: An
     assert [v for v, _ in engine.taken] == [0, 0, 2]
 
 
-def test_agent_state_and_episodes_reach_the_hub(rig: Any) -> None:
+def test_the_agents_report_reaches_the_hubs_table_and_file(rig: Any) -> None:
     server = rig.start_hub()
     server.publish(rig.new_version())
-    agent = rig.subscriber("arm-a", server)
-    agent.set_state("recording")
-    agent.set_episodes(12)
+    agent = rig.subscriber("arm-a", server)  # no engine: nothing is in use
+    report = AgentReport(
+        state="recording",
+        episodes_new=12,
+        episodes_total=30,
+        frames_total=9000,
+        recorded_s=300.0,
+        job="record",
+    )
+    agent.set_report(report)
     wait_until(
-        lambda: [(r.state, r.episodes) for r in server.agents()] == [("recording", 12)],
-        what="the hub to see the agent's state",
+        lambda: [r.report for r in server.agents()] == [report],
+        what="the hub to see the agent's report",
     )
     wait_until(lambda: server.fleet_summary()["applied_current"] == 1, what="convergence")
     assert server.fleet_summary() == {
@@ -200,9 +226,15 @@ def test_agent_state_and_episodes_reach_the_hub(rig: Any) -> None:
         "applied_current": 1,
         "in_use_current": 0,
         "episodes_since_round": 12,
+        "episodes_total": 30,
+        "frames_total": 9000,
+        "recorded_s": 300.0,
     }
-    with pytest.raises(ValueError, match="lowercase word"):
-        agent.set_state("Recording now!")
+    server.stop()
+    hub, [record] = load_fleet(rig.store.root)
+    assert hub["episodes_total"] == 30 and record.report == report and record.in_use is None
+    with pytest.raises(ValidationError, match="state"):
+        AgentReport(state="Recording now!")
 
 
 def test_the_subscriber_imports_no_torch() -> None:

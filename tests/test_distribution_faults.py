@@ -120,7 +120,7 @@ def test_sigkilled_agent_never_runs_a_partial_adapter_and_converges_after_restar
 def _junk_requests(rng: random.Random, count: int) -> list[list[bytes]]:
     """Frames an allowed but broken client might send: none of them a valid request."""
     good = {
-        "p": 1,
+        "p": p.PROTOCOL.version,
         "t": "get_chunk",
         "version": 0,
         "artifact_id": "0" * 64,
@@ -129,7 +129,8 @@ def _junk_requests(rng: random.Random, count: int) -> list[list[bytes]]:
         "length": 16,
     }
     variants: list[dict[str, Any]] = [
-        {**good, "p": 99},
+        {**good, "p": "99.0"},
+        {**good, "p": 1},  # a peer of protocol 1
         {**good, "t": "reboot"},
         {**good, "offset": -1},
         {**good, "length": 1 << 30},
@@ -139,24 +140,22 @@ def _junk_requests(rng: random.Random, count: int) -> list[list[bytes]]:
         {**good, "artifact_id": "zz"},
         {k: v for k, v in good.items() if k != "offset"},
         {
-            "p": 1,
+            "p": p.PROTOCOL.version,
             "t": "status",
             "agent_id": "arm-good",
             "applied": 99,
             "in_use": 99,
-            "state": "idle",
+            "report": {"state": "idle"},
             "sync": "up_to_date",
-            "episodes": 0,
         },  # claims another agent's id
         {
-            "p": 1,
+            "p": p.PROTOCOL.version,
             "t": "status",
             "agent_id": "Not An Id!",
             "applied": 0,
             "in_use": 0,
-            "state": "idle",
+            "report": {"episodes_new": -5},
             "sync": "x",
-            "episodes": -5,
         },
     ]
     out: list[list[bytes]] = []
@@ -227,7 +226,8 @@ def test_hub_survives_1000_junk_frames_per_socket_and_keeps_serving(rig: Any) ->
         while dealer.poll(500):  # first drop the error replies queued for it
             dealer.recv_multipart()
         manifest_of_0 = rig.store.manifest(0)
-        dealer.send_multipart(p.encode(p.GetManifest(0, manifest_of_0.artifact_id)))
+        request = p.GetManifest(version=0, artifact_id=manifest_of_0.artifact_id)
+        dealer.send_multipart(p.encode(request))
         deadline = time.monotonic() + 20
         reply = None
         while time.monotonic() < deadline and not isinstance(reply, p.ManifestReply):

@@ -17,14 +17,14 @@ from zk0.agent.supernode import SuperNode
 from zk0.bench.federated import start_supernodes
 from zk0.hub.superlink import SimulationSuperLink, SuperLink, SuperLinkSettings
 from zk0.shared.artifact import verify_artifact
+from zk0.shared.federation import RunSettings
 from zk0.shared.flower_keys import make_tls
 from zk0.shared.processes import free_port
 from zk0.shared.store import AdapterStore
 
-REPO = Path(__file__).resolve().parents[1]
 EPISODES, EPISODE_S = 6, 6.0
 #: Small but real: LoRA learns each arm's variant within two rounds of 15 steps.
-FAST_RUN = {"policy": "tiny-sim-base", "local-steps": 15, "lr": 1e-3, "eval-frames": 16}
+FAST_RUN = RunSettings(policy="tiny-sim-base", local_steps=15, lr=1e-3, eval_frames=16)
 
 
 @pytest.fixture(scope="session")
@@ -51,18 +51,19 @@ def test_simulation_with_four_clients(datasets: dict[str, Path], tmp_path: Path)
     for agent, root in datasets.items():
         (sim_root / agent).symlink_to(root)
     run_dir = tmp_path / "run"
-    run_config = {
-        **FAST_RUN,
-        "num-server-rounds": 2,
-        "min-nodes": 4,
-        "sim-data-root": str(sim_root),
-        "run-dir": str(run_dir),
-        "aggregation": "fedavg",
-    }
+    settings = FAST_RUN.model_copy(
+        update={
+            "num_server_rounds": 2,
+            "min_nodes": 4,
+            "sim_data_root": str(sim_root),
+            "run_dir": str(run_dir),
+            "aggregation": "fedavg",
+        }
+    )
     link = SimulationSuperLink(4, tmp_path / "flwr-home", tmp_path / "logs")
     try:
         link.start()
-        result = link.run(REPO, run_config, timeout_s=900)
+        result = link.run(settings, timeout_s=900)
     finally:
         link.stop()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -102,21 +103,22 @@ def test_deployment_with_tls_auth_a_nan_client_and_a_hub_restart(
     link = SuperLink(settings, flwr_home, tmp_path / "logs")
     store_root = tmp_path / "hub-store"
 
-    def one_round(run_dir: Path) -> dict[str, object]:
-        return {
-            **FAST_RUN,
-            "num-server-rounds": 1,
-            "min-nodes": 3,
-            "store-root": str(store_root),
-            "run-dir": str(run_dir),
-            "round-timeout-s": 300.0,
-        }
+    def one_round(run_dir: Path) -> RunSettings:
+        return FAST_RUN.model_copy(
+            update={
+                "num_server_rounds": 1,
+                "min_nodes": 3,
+                "store_root": str(store_root),
+                "run_dir": str(run_dir),
+                "round_timeout_s": 300.0,
+            }
+        )
 
     nodes: list[SuperNode] = []
     try:
         link.start()
         nodes = start_supernodes(link, tls, agents, tmp_path)
-        first = link.run(REPO, one_round(tmp_path / "run1"), timeout_s=900)
+        first = link.run(one_round(tmp_path / "run1"), timeout_s=900)
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
         hub_log = (tmp_path / "run1" / "hub" / "hub.log").read_text()
         assert "dropped reply from broken-02" in hub_log and "non-finite" in hub_log
@@ -132,7 +134,7 @@ def test_deployment_with_tls_auth_a_nan_client_and_a_hub_restart(
         link.process.process.wait()
         link = SuperLink(settings, flwr_home, tmp_path / "logs-restarted")
         link.start()
-        second = link.run(REPO, one_round(tmp_path / "run2"), timeout_s=900)
+        second = link.run(one_round(tmp_path / "run2"), timeout_s=900)
         assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
         assert store.versions() == [0, 1, 2]
         continued = store.manifest(2)

@@ -27,9 +27,11 @@ from zk0.hub.enrolment import (
     node_key_path,
     store_node_key,
 )
+from zk0.hub.runs import run_settings
 from zk0.hub.scheduler import AgentView, Idle, ManualRequest, RunPlan, decide
-from zk0.shared.config import ConfigError, RunsConfig, load_hub_config
+from zk0.shared.config import ConfigError, HubConfig, RunsConfig, load_hub_config
 from zk0.shared.distribution.keys import AllowList, create_keypair
+from zk0.shared.federation import RunSettings
 from zk0.shared.flower_keys import make_node_keypair
 from zk0.shared.processes import descendants, free_port
 
@@ -55,16 +57,11 @@ def _decide(runs: RunsConfig, agents: list[AgentView], **kwargs: Any) -> RunPlan
 
 
 def test_episodes_trigger_needs_enough_online_agents_with_enough_new_episodes() -> None:
-    runs = RunsConfig(min_new_episodes=20, min_agents=2, rounds=4)
+    runs = RunsConfig(min_new_episodes=20, min_agents=2)
     fleet = _agents(("arm-b", True, 25), ("arm-a", True, 20), ("arm-c", True, 19))
     plan = _decide(runs, fleet)
     assert isinstance(plan, RunPlan)
-    assert (plan.trigger, plan.agents, plan.min_nodes, plan.rounds) == (
-        "episodes",
-        ("arm-a", "arm-b"),
-        2,
-        4,
-    )
+    assert (plan.trigger, plan.agents, plan.rounds) == ("episodes", ("arm-a", "arm-b"), None)
     offline = _agents(("arm-a", True, 50), ("arm-b", False, 50), ("arm-c", True, 3))
     idle = _decide(runs, offline)
     assert isinstance(idle, Idle) and "1 of 2 agents" in idle.reason
@@ -82,15 +79,27 @@ def test_never_while_a_run_is_active_nor_within_the_cooldown() -> None:
 
 
 def test_manual_requests_start_a_run_whatever_the_trigger_and_cooldown() -> None:
-    runs = RunsConfig(trigger="manual", min_agents=2, rounds=3)
+    runs = RunsConfig(trigger="manual", min_agents=2)
     fleet = _agents(("arm-a", True, 100), ("arm-b", True, 100))
     waiting = _decide(runs, fleet)
     assert isinstance(waiting, Idle) and "manual" in waiting.reason
     plan = _decide(runs, fleet, last_ended=NOW - 1, request=ManualRequest(rounds=7))
     assert isinstance(plan, RunPlan)
-    assert (plan.trigger, plan.rounds, plan.min_nodes) == ("manual", 7, 2)
+    assert (plan.trigger, plan.rounds) == ("manual", 7)
     plan = _decide(RunsConfig(), [], request=ManualRequest())
-    assert isinstance(plan, RunPlan) and plan.rounds == 3 and plan.agents == ()
+    assert isinstance(plan, RunPlan) and plan.rounds is None and plan.agents == ()
+
+
+def test_a_run_takes_the_run_config_over_the_defaults_and_the_hub_sets_the_rest(
+    tmp_path: Path,
+) -> None:
+    runs = RunsConfig(min_agents=3, run_config={"num-server-rounds": 5, "local_steps": 7})
+    hub = HubConfig(store_root=tmp_path / "store", policy="tiny", runs=runs)
+    settings = run_settings(hub, tmp_path / "run")
+    assert (settings.num_server_rounds, settings.local_steps, settings.min_nodes) == (5, 7, 3)
+    assert (settings.policy, settings.run_dir) == ("tiny", str(tmp_path / "run"))
+    assert settings.lr == RunSettings().lr  # not given: RunSettings' default
+    assert run_settings(hub, tmp_path / "run", rounds=2).num_server_rounds == 2
 
 
 def test_schedule_trigger_runs_every_period_with_enough_agents_online() -> None:
@@ -117,7 +126,8 @@ def _write(path: Path, content: dict[str, Any]) -> Path:
     [
         ({"run_config": {"local-stepz": 3}}, "runs.run_config: unknown Flower run-config key"),
         ({"run_config": {"lr": "fast"}}, "runs.run_config: lr: Input should be a valid number"),
-        ({"run_config": {"num-server-rounds": 9}}, "set by the hub from runs.rounds"),
+        ({"run_config": {"min-nodes": 9}}, "set by the hub from runs.min_agents"),
+        ({"run_config": {"num-server-rounds": 0}}, "num-server-rounds: Input should be greater"),
         ({"trigger": "schedule"}, "runs: every_s is required when trigger is schedule"),
         ({"trigger": "hourly"}, "runs.trigger: Input should be"),
     ],

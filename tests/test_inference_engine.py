@@ -51,6 +51,7 @@ def test_ten_hot_swaps_during_an_episode_starve_no_tick(
     engine = session.engine
     in_use: list[int | None] = []
     engine.on_version_in_use = in_use.append
+    assert in_use == [None], "wired after the warm-up, the callback hears the base at once"
     lines: list[str] = []
     sink = logger.add(lambda m: lines.append(m.record["message"]), level="INFO", format="{message}")
     box: dict[str, EpisodeResult] = {}
@@ -59,7 +60,11 @@ def test_ten_hot_swaps_during_an_episode_starve_no_tick(
     )
     runner.start()
     try:
-        wait_until(lambda: in_use == [None], timeout_s=60, what="the first chunk")
+        wait_until(
+            lambda: any(line.startswith("chunk 0.0 ") for line in lines),
+            timeout_s=60,
+            what="the first chunk",
+        )
         for version in range(1, SWAPS + 1):
             engine.offer_adapter(version, store.path(version), store.manifest(version))
             wait_until(
@@ -97,6 +102,28 @@ def test_ten_hot_swaps_during_an_episode_starve_no_tick(
         starved = result.starved_between(swap.offered_at, first.ready_at)
         assert starved == 0, (swap, result.summary())
     assert result.starved_ticks == 0, result.summary()
+
+
+def test_a_version_swapped_in_between_episodes_is_put_to_use_without_the_arm(
+    session: Session, store: AdapterStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, slot = session.engine, session.slot
+    engine.offer_adapter(1, store.path(1), store.manifest(1))
+    wait_until(lambda: engine.version_in_use == 1, timeout_s=60, what="v1 in use")
+    for read in ("observe", "fresh_observation", "start_episode"):  # another job may hold it
+        monkeypatch.setattr(session.arm, read, lambda *_: pytest.fail("the probe read the arm"))
+    in_use: list[int | None] = []
+    engine.on_version_in_use = in_use.append
+    try:
+        engine.offer_adapter(2, store.path(2), store.manifest(2))
+        wait_until(lambda: in_use == [1, 2], timeout_s=60, what="v2 in use with no episode")
+        assert engine.rollback().version == 1
+        wait_until(lambda: in_use == [1, 2, 1], timeout_s=60, what="v1 in use after rollback")
+        slot.load(store.path(3))
+        wait_until(lambda: in_use == [1, 2, 1, 3], timeout_s=60, what="a loaded v3 in use")
+    finally:
+        engine.on_version_in_use = None
+    assert [s.kind for s in slot.swaps[-3:]] == ["offer", "rollback", "load"]
 
 
 def test_rollback_returns_the_previous_versions_outputs(

@@ -22,7 +22,8 @@ from zk0.agent.inference.backends import (
     TorchBackend,
     predict_chunk,
 )
-from zk0.agent.inference.onnx_export import OnnxExport, signature_of
+from zk0.agent.inference.onnx_export import OnnxExport
+from zk0.agent.inference.onnx_graphs import signature_of
 from zk0.agent.inference.swap import AdapterSlot, PolicyRuntime
 from zk0.shared.config import load_robot_config
 from zk0.shared.fsutil import sha256_file

@@ -120,7 +120,7 @@ def test_training_moves_only_lora_weights(make_tiny: Callable[[], LoadedPolicy])
 
 def _policy_info(spec: str) -> dict[str, object]:
     result = subprocess.run(
-        [sys.executable, "-m", "zk0.shared.cli", "policy", "info", "--policy", spec, "--json"],
+        [sys.executable, "-m", "zk0.cli", "policy", "info", "--policy", spec, "--json"],
         capture_output=True,
         text=True,
         check=True,

@@ -3,7 +3,8 @@
     python -m zk0.agent.distribution --config agent.yaml [--events FILE]
 
 ``--events`` appends one JSON line per version handed to the (absent) inference engine, for
-monitoring and tests. The ``--throttle-s``/``--stage-delay-s`` options are fault-test hooks.
+monitoring and tests; with no engine, the status reports no version in use. The
+``--throttle-s``/``--stage-delay-s`` options are fault-test hooks.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ class Download:
 
     def manifest_request(self) -> p.GetManifest:
         self.manifest_sent_at = time.monotonic()
-        return p.GetManifest(self.target.version, self.target.artifact_id)
+        return p.GetManifest(version=self.target.version, artifact_id=self.target.artifact_id)
 
     def next_requests(self) -> list[p.GetChunk]:
         """New chunk requests, as many as the credit allows (one credit per chunk in flight)."""
@@ -76,7 +76,7 @@ class Download:
             requests.append(self._request(name, offset, length))
         return requests
 
-    def outstanding_requests(self) -> list[p.Message]:
+    def outstanding_requests(self) -> list[p.GetManifest] | list[p.GetChunk]:
         """Everything in flight again (after a reconnect or a timeout)."""
         now = time.monotonic()
         self.last_progress = now
@@ -87,7 +87,13 @@ class Download:
         return [self._request(name, off, n) for (name, off), (n, _) in self._outstanding.items()]
 
     def _request(self, name: str, offset: int, length: int) -> p.GetChunk:
-        return p.GetChunk(self.target.version, self.target.artifact_id, name, offset, length)
+        return p.GetChunk(
+            version=self.target.version,
+            artifact_id=self.target.artifact_id,
+            file=name,
+            offset=offset,
+            length=length,
+        )
 
     @property
     def complete(self) -> bool:
@@ -123,7 +129,7 @@ class Download:
                 f"v{manifest.version}: {total} bytes, the hub announced {self.target.size}"
             )
         for name in manifest.files:
-            if name in (MANIFEST, ID_FILE) or not p.FILE_NAME.match(name):
+            if name in (MANIFEST, ID_FILE) or not p.FILE_NAME.fullmatch(name):
                 raise ArtifactError(f"v{manifest.version}: refusing file name {name!r}")
         self.manifest, self._manifest_bytes = manifest, reply.manifest
         local = self._local_copies(manifest)

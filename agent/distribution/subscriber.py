@@ -3,6 +3,9 @@
 ``AdapterSubscriber`` keeps an agent's adapter store on the hub's newest version:
 
 * on start it hands its last verified version to the inference engine at once (no network);
+* it reports ``applied`` (verified, stored, current) and, from the engine alone
+  (``set_in_use``, the engine's ``on_version_in_use``), ``in_use``: the version that computed
+  the engine's last chunk, never a guess from a hand-over;
 * a SUB socket hears announces; a DEALER socket sends statuses (each answered with the latest
   version: the clone pattern's snapshot) and fetches manifests and chunks;
 * a version is fetched on start, on every (re)connect, and whenever a higher one is seen; it is
@@ -31,6 +34,7 @@ from zk0.agent.distribution.updater import (
     SubscriberStatus,
     Updater,
 )
+from zk0.shared.agent_status import AgentReport
 from zk0.shared.artifact import TensorEntry
 from zk0.shared.config import AgentConfig, AgentKeys, HubAddress
 from zk0.shared.distribution import protocol as p
@@ -133,20 +137,13 @@ class AdapterSubscriber:
         return self._status.get()
 
     def set_in_use(self, version: int | None) -> None:
-        """The inference engine now runs ``version`` (if it swaps later than the callback)."""
+        """The inference engine computed its last chunk with ``version`` (its
+        ``on_version_in_use``): the only writer of ``in_use``."""
         self._status.update(in_use=version)
 
-    def set_state(self, state: str) -> None:
-        """What the agent does (``idle``, ``recording``, ``training``...: a lowercase word)."""
-        if not p.WORD.match(state):
-            raise ValueError(f"agent state {state!r} is not a lowercase word ([a-z][a-z0-9_]*)")
-        self._status.update(state=state)
-
-    def set_episodes(self, episodes: int) -> None:
-        """Episodes recorded since the last round (the hub uses it to schedule rounds)."""
-        if not 0 <= episodes <= 10**9:
-            raise ValueError(f"episodes must be in [0, 1e9], got {episodes}")
-        self._status.update(episodes=episodes)
+    def set_report(self, report: AgentReport) -> None:
+        """What the agent does and the episodes it holds; the hub schedules rounds on it."""
+        self._status.update(report=report)
 
     # -- sockets -----------------------------------------------------------------------------
 
@@ -181,7 +178,14 @@ class AdapterSubscriber:
     def _send_status(self) -> None:
         s = self._status.get()
         self._send(
-            p.Status(self.agent_id, s.applied, s.in_use, s.state, s.sync, s.episodes, s.error)
+            p.Status(
+                agent_id=self.agent_id,
+                applied=s.applied,
+                in_use=s.in_use,
+                report=s.report,
+                sync=s.sync,
+                error=s.error,
+            )
         )
 
     # -- the loop ----------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 ``Updater`` holds no sockets; the subscriber feeds it what the hub says and gives it a ``send``
 function. It owns the agent's adapter store, the download in progress and the hand-over to the
-inference engine.
+inference engine. It never sets ``in_use``: only the engine knows which version computed its
+last chunk, and reports it through ``AdapterSubscriber.set_in_use``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loguru import logger
 
 from zk0.agent.distribution.fetch import Download, Target, clear_incoming
+from zk0.shared.agent_status import AgentReport
 from zk0.shared.artifact import ArtifactError, Manifest, TensorEntry, verify_artifact
 from zk0.shared.distribution import protocol as p
 from zk0.shared.store import AdapterStore
@@ -45,10 +47,9 @@ class SubscriberOptions:
 class SubscriberStatus:
     agent_id: str
     applied: int | None = None  # verified, stored and current in the store
-    in_use: int | None = None  # handed to the inference engine, which took it
-    state: str = "idle"  # what the agent does (the daemon sets it)
+    in_use: int | None = None  # the version the inference engine computed its last chunk with
+    report: AgentReport = field(default_factory=AgentReport)  # what the daemon says it does
     sync: str = "starting"  # starting, up_to_date, fetching, hub_silent, denied, ...
-    episodes: int = 0
     error: str | None = None
     hub_id: str | None = None
     bytes_rx: int = 0  # application bytes received and sent (all frames), for the bench
@@ -133,15 +134,13 @@ class Updater:
             return
         try:
             self.on_new_version(manifest.version, self.store.path(manifest.version), manifest)
-        except Exception as error:  # the engine refused it: keep reporting what it really runs
+        except Exception as error:  # the engine refused it: report why
             logger.exception("the inference engine did not take version {}", manifest.version)
             self.status.update(error=f"engine refused v{manifest.version}: {error}"[:300])
-            return
-        self.status.update(in_use=manifest.version)
 
     # -- what the hub says -------------------------------------------------------------------
 
-    def consider(self, offer: p.Announce) -> None:
+    def consider(self, offer: p.Offer) -> None:
         """Fetch ``offer`` if it is newer than what we run and not already on its way."""
         if offer.version is None or offer.artifact_id is None:
             return
@@ -179,7 +178,7 @@ class Updater:
         self.status.update(sync="fetching")
         self.send(self.download.manifest_request())
 
-    def on_transfer(self, message: p.Message, data: bytes | None) -> None:
+    def on_transfer(self, message: p.Reply, data: bytes | None) -> None:
         download = self.download
         if download is None:
             return

@@ -23,12 +23,12 @@ import numpy as np
 from loguru import logger
 from numpy.typing import NDArray
 
-from zk0.agent.inference.onnx_export import (
+from zk0.agent.inference.onnx_export import OnnxExport
+from zk0.agent.inference.onnx_graphs import (
     DENOISE_FILE,
     PREFIX_FILE,
     WEIGHT_INPUT,
     GraphSignature,
-    OnnxExport,
     input_names,
     prepare_inputs,
 )

@@ -16,6 +16,12 @@ The worker takes the active policy version from the ``AdapterSlot`` once per chu
 swap lands between two chunks and the loop never waits for it. Every latency is measured on
 ``time.monotonic`` in this process: observation -> chunk ready, queue depth on every tick,
 starved ticks. Each chunk's log line names the adapter version that computed it.
+
+The version *in use* is the one that computed the engine's last chunk: ``on_version_in_use``
+hears it whenever it changes. A version swapped in while no episode runs (offer, load or
+rollback) is put to use at once by a *probe* chunk on the last policy frame the engine computed
+a chunk for (the warm-up's at least), whose actions are dropped: the arm is never read for it
+(another job may be recording with it), and the fleet sees a new version in use on an idle arm.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from zk0.agent.inference.backends import BackendSelector
 from zk0.agent.inference.frames import FrameLayout
 from zk0.agent.inference.metrics import ChunkRecord, EpisodeResult, Mode
 from zk0.agent.inference.realtime import RealTimeArm
-from zk0.agent.inference.swap import AdapterSlot, PolicyRuntime
+from zk0.agent.inference.swap import AdapterSlot, PolicyRuntime, VersionInUse
 
 clock = time.monotonic
 
@@ -50,6 +56,13 @@ class EngineConfig(BaseModel):
     #: Actions used from each chunk (default: the policy's ``n_action_steps``).
     actions_per_chunk: int | None = Field(default=None, gt=0)
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """A chunk computed only to put the active version to use; its actions are dropped."""
+
+    frame: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -84,18 +97,20 @@ class InferenceEngine:
             self.config.actions_per_chunk or policy_config.n_action_steps, policy_config.chunk_size
         )
         self._noise_shape = (1, policy_config.chunk_size, policy_config.max_action_dim)
-        self.on_version_in_use = on_version_in_use
         self.queue = ActionQueue(self.config.aggregate)
         self._cond = threading.Condition()
-        self._request: _Request | None = None
+        self._request: _Request | _Probe | None = None
         self._in_flight = False
         self._token = 0
         self._episode: EpisodeResult | None = None
         self._stopping = False
         self._stop_episode = threading.Event()
         self._failure: BaseException | None = None
-        self._last_version: int | str | None = "none yet"
         self._thread: threading.Thread | None = None
+        self._frame: dict[str, Any] | None = None  # the last policy frame a chunk was for
+        self._in_use = VersionInUse()
+        self._in_use.listen(on_version_in_use)
+        slot.add_swap_listener(lambda runtime: self._probe_soon())
 
     # -- lifecycle and commands -------------------------------------------------------------------
     def start(self) -> InferenceEngine:
@@ -147,8 +162,40 @@ class InferenceEngine:
         return actions, backend, runtime.version
 
     def warmup(self, observation: dict[str, Any]) -> None:
-        """One untimed chunk, so that the first episode does not pay for lazy initialisation."""
-        self.predict(observation, self.noise(0, 0))
+        """One untimed chunk, so that the first episode does not pay for lazy initialisation;
+        its frame is kept for probe chunks and its version is the one in use."""
+        self._probe(self.layout.policy_frame(observation, self.task))
+
+    # -- the version in use -----------------------------------------------------------------------
+    @property
+    def version_in_use(self) -> int | None:
+        """The version that computed the last chunk (None: the base, or no chunk yet)."""
+        return self._in_use.version
+
+    @property
+    def on_version_in_use(self) -> Callable[[int | None], None] | None:
+        return self._in_use.callback
+
+    @on_version_in_use.setter
+    def on_version_in_use(self, callback: Callable[[int | None], None] | None) -> None:
+        """``callback`` hears the version in use now (once known) and whenever it changes."""
+        self._in_use.listen(callback)
+
+    def _probe_soon(self) -> None:
+        """Put the active version to use on the kept frame unless an episode will (any thread)."""
+        with self._cond:
+            idle = self._episode is None and self._thread is not None and not self._stopping
+            if idle and self._frame is not None:
+                self._request = _Probe(self._frame)  # replaces a probe or a stale chunk
+                self._in_flight = True
+                self._cond.notify_all()
+
+    def _probe(self, frame: dict[str, Any]) -> None:
+        runtime = self.slot.active
+        self.backends.predict(runtime, frame, self.noise(0, 0))
+        self._frame = frame
+        logger.info("probe chunk: adapter {} in use (no episode running)", runtime.label)
+        self._in_use.report(runtime.version)
 
     # -- the control loop -------------------------------------------------------------------------
     def run_episode(
@@ -183,6 +230,8 @@ class InferenceEngine:
                 self._episode = None
                 self._token += 1
         self._wait_idle()
+        if self.slot.version != self._in_use.version:  # swapped in after the last chunk
+            self._probe_soon()
         return result
 
     def _loop(
@@ -271,15 +320,20 @@ class InferenceEngine:
                     return
                 request, self._request = self._request, None
             assert request is not None
-            try:
-                self._compute(request)
-            except Exception as error:
-                logger.exception("chunk {} of episode {} failed", request.chunk, request.episode)
-                self._failure = error
-            finally:
-                with self._cond:
-                    self._in_flight = False
-                    self._cond.notify_all()
+            if isinstance(request, _Probe):
+                with logger.catch(message="the probe chunk failed"):  # it fails no episode
+                    self._probe(request.frame)
+            else:
+                try:
+                    self._compute(request)
+                except Exception as error:
+                    logger.exception(
+                        "chunk {} of episode {} failed", request.chunk, request.episode
+                    )
+                    self._failure = error
+            with self._cond:
+                self._in_flight = self._request is not None  # a probe may have been queued
+                self._cond.notify_all()
 
     def _compute(self, request: _Request) -> None:
         runtime = self.slot.active  # one version for the whole chunk
@@ -288,6 +342,8 @@ class InferenceEngine:
         actions, backend = self.backends.predict(
             runtime, frame, self.noise(request.episode, request.chunk)
         )
+        self._frame = frame
+        self._in_use.report(runtime.version)
         period = self.arm.period_s
         timed = timed_chunk(
             actions[: self.chunk_size],
@@ -337,7 +393,3 @@ class InferenceEngine:
             report.merged,
             " must-go" if record.must_go else "",
         )
-        if runtime.version != self._last_version:
-            self._last_version = runtime.version
-            if self.on_version_in_use is not None:
-                self.on_version_in_use(runtime.version)

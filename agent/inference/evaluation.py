@@ -25,6 +25,7 @@ from zk0.agent.inference.frames import FrameLayout
 from zk0.agent.inference.metrics import EpisodeResult, Mode
 from zk0.agent.inference.realtime import RealTimeArm, realtime_config
 from zk0.agent.inference.swap import AdapterSlot, DatasetStats
+from zk0.shared.agent_control import TaskResult
 from zk0.shared.config import RobotConfig
 from zk0.shared.features import PolicyFeatures
 from zk0.shared.normalization import Stats
@@ -92,7 +93,8 @@ def open_session(
     A daemon that owns the arm passes its ``robot``; the session connects it if needed and
     disconnects it when it closes.
     """
-    from zk0.agent.inference.onnx_export import OnnxExport, signature_of
+    from zk0.agent.inference.onnx_export import OnnxExport
+    from zk0.agent.inference.onnx_graphs import signature_of
     from zk0.agent.robots import make_robot
     from zk0.shared.policy_factory import build_policy
 
@@ -174,6 +176,22 @@ class EvalReport:
                 {"t": [round(t, 4) for t in e.trace_t], "depth": e.trace_depth} for e in episodes
             ],
         }
+
+    def task_result(self, adapter_version: int | None) -> TaskResult:
+        """What the agent daemon reports of a ``run_task`` job (``zk0.shared.agent_control``)."""
+        s = self.summary()
+        successes = [e.success for e in self.episodes if e.success is not None]
+        return TaskResult(
+            episodes=s["episodes"],
+            successes=sum(successes),
+            success_rate=s["success_rate"],
+            adapter_version=adapter_version,
+            mean_episode_s=s["mean_episode_s"],
+            chunk_latency_p50_s=s["chunk_latency_p50_s"],
+            chunk_latency_p95_s=s["chunk_latency_p95_s"],
+            starved_fraction=s["starved_fraction"],
+            missed_ticks=s["missed_ticks"],
+        )
 
     def describe(self) -> str:
         s = self.summary()

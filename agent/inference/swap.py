@@ -137,6 +137,33 @@ class SwapRecord:
     kind: str  # "offer", "load" or "rollback"
 
 
+class VersionInUse:
+    """The version that computed the engine's last chunk, and the one callback that hears it
+    change (thread-safe; reports arrive in the order they were made)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._known = False
+        self.version: int | None = None
+        self.callback: Callable[[int | None], None] | None = None
+
+    def listen(self, callback: Callable[[int | None], None] | None) -> None:
+        """Make ``callback`` the listener; it hears the version at once if one is known, so that
+        a listener wired after the engine's warm-up learns it. Callbacks must return quickly."""
+        with self._lock:
+            self.callback = callback
+            if callback is not None and self._known:
+                callback(self.version)
+
+    def report(self, version: int | None) -> None:
+        with self._lock:
+            if self._known and version == self.version:
+                return
+            self._known, self.version = True, version
+            if self.callback is not None:
+                self.callback(version)
+
+
 class AdapterSlot:
     """Holds the active ``PolicyRuntime``; loads offered versions in its own thread."""
 
@@ -145,7 +172,6 @@ class AdapterSlot:
         base: LoadedPolicy,
         base_stats: DatasetStats | None = None,
         keep_previous: int = 2,
-        on_swap: Callable[[PolicyRuntime], None] | None = None,
     ) -> None:
         if keep_previous < 1:
             raise ValueError("keep_previous must be at least 1 (rollback needs one)")
@@ -154,7 +180,7 @@ class AdapterSlot:
         self.base = base
         self.base_stats = base_stats
         self._keep = keep_previous
-        self._on_swap = on_swap
+        self._swap_listeners: list[Callable[[PolicyRuntime], None]] = []
         self._base_weights = expert_weights(base.policy)
         self._processors = _Processors(base.policy.config)
         pre, post = self._processors.get("base", lambda: base_stats)
@@ -197,6 +223,11 @@ class AdapterSlot:
         return replace(runtime, load_s=time.perf_counter() - start)
 
     # -- commands ---------------------------------------------------------------------------------
+    def add_swap_listener(self, listener: Callable[[PolicyRuntime], None]) -> None:
+        """Call ``listener`` with every runtime made active (offer, load, rollback), in the
+        thread that swapped it in; it must return quickly."""
+        self._swap_listeners.append(listener)
+
     def start(self) -> AdapterSlot:
         if self._thread is None:
             self._stopping = False
@@ -242,8 +273,7 @@ class AdapterSlot:
             replaced, self._active = self._active, runtime
             self.swaps.append(SwapRecord(runtime.version, now, now, 0.0, "rollback"))
         logger.info("rolled back from {} to {}", replaced.label, runtime.label)
-        if self._on_swap is not None:
-            self._on_swap(runtime)
+        self._swapped(runtime)
         return runtime
 
     def idle(self) -> bool:
@@ -265,8 +295,11 @@ class AdapterSlot:
             runtime.label,
             runtime.load_s * 1e3,
         )
-        if self._on_swap is not None:
-            self._on_swap(runtime)
+        self._swapped(runtime)
+
+    def _swapped(self, runtime: PolicyRuntime) -> None:
+        for listener in self._swap_listeners:
+            listener(runtime)
 
     def _run(self) -> None:
         while True:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from zk0.agent.robots.base import (
     STATE_STREAM,
     Clock,
@@ -26,6 +28,7 @@ from zk0.agent.robots.base import (
     RobotSetupError,
     VirtualClock,
     WallClock,
+    parse_options,
 )
 from zk0.shared.config import REAL_ROBOT_TYPES, ConfigError, RobotConfig
 
@@ -48,7 +51,30 @@ __all__ = [
     "WallClock",
     "make_robot",
     "make_teleoperator",
+    "robot_options",
 ]
+
+
+class NoOptions(BaseModel):
+    """Real arms take no ``options:`` (their settings are LeRobot's, in the robot config)."""
+
+    model_config = {"extra": "forbid"}
+
+
+def robot_options(config: RobotConfig) -> BaseModel:
+    """``config.options`` validated by its backend's model: what building the robot does (each
+    backend calls this), without building it (``zk0-agent config check``)."""
+    kind = config.robot.type
+    model: type[BaseModel] = NoOptions
+    if kind == "sim_so101":
+        from zk0.agent.robots.sim_so101 import SimOptions
+
+        model = SimOptions
+    elif kind == "synthetic":
+        from zk0.agent.robots.synthetic import SyntheticOptions
+
+        model = SyntheticOptions
+    return parse_options(model, config.options, kind)
 
 
 def make_robot(config: RobotConfig) -> Any:

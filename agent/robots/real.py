@@ -26,6 +26,7 @@ from lerobot.teleoperators.so_leader import SOLeader, SOLeaderTeleopConfig
 from lerobot.utils.constants import HF_LEROBOT_CALIBRATION, ROBOTS, TELEOPERATORS
 from numpy.typing import NDArray
 
+from zk0.agent.robots import robot_options
 from zk0.agent.robots.base import (
     STATE_STREAM,
     FrameStamp,
@@ -104,6 +105,7 @@ class ZK0SOFollower(RecordingRobot, SOFollower):  # type: ignore[misc]
                 width=camera.width,
                 height=camera.height,
             )
+        robot_options(config)  # real arms take no options: refused here as by `config check`
         preflight(arm, "robot", ROBOTS, SOFollower.name)
         self._arm = arm
         lerobot_config = SOFollowerRobotConfig(

@@ -24,6 +24,7 @@ import numpy as np
 from lerobot.robots.robot import Robot
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from zk0.agent.robots import robot_options
 from zk0.agent.robots.base import (
     STATE_STREAM,
     Clock,
@@ -31,7 +32,6 @@ from zk0.agent.robots.base import (
     RecordingRobot,
     RobotSetupError,
     SoftwareDevice,
-    parse_options,
 )
 from zk0.agent.robots.sim_camera import SimCamera
 from zk0.agent.robots.sim_scene import (
@@ -147,7 +147,9 @@ class SimSO101(RecordingRobot, SoftwareDevice, Robot):  # type: ignore[misc]
         self.robot_type = self.name
         self.init_identity(config.robot.id)
         self.config = config
-        self.options = parse_options(SimOptions, config.options, self.name)
+        options = robot_options(config)  # the one validation, shared with `config check`
+        assert isinstance(options, SimOptions)
+        self.options = options
         self.cameras: dict[str, SimCamera] = {}
         for name, camera in config.cameras.items():
             if camera.type != "sim" or name not in SIM_CAMERAS:

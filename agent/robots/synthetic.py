@@ -26,6 +26,7 @@ from lerobot.teleoperators.teleoperator import Teleoperator
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
+from zk0.agent.robots import robot_options
 from zk0.agent.robots.base import (
     STATE_STREAM,
     Clock,
@@ -36,7 +37,6 @@ from zk0.agent.robots.base import (
     SoftwareDevice,
     VirtualClock,
     WallClock,
-    parse_options,
 )
 from zk0.shared.config import SO_ARM_JOINTS, ArmConfig, ConfigError, RobotConfig
 
@@ -127,7 +127,9 @@ class SyntheticRobot(RecordingRobot, SoftwareDevice, Robot):  # type: ignore[mis
         self.robot_type = self.name
         self.init_identity(config.robot.id)
         self.config = config
-        self.options = parse_options(SyntheticOptions, config.options, self.name)
+        options = robot_options(config)  # the one validation, shared with `config check`
+        assert isinstance(options, SyntheticOptions)
+        self.options = options
         self.clock: Clock = WallClock() if self.options.realtime else VirtualClock()
         self.cameras: dict[str, SyntheticCamera] = {}
         for index, (name, camera) in enumerate(config.cameras.items()):

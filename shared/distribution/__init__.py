@@ -1,5 +1,5 @@
 """Adapter distribution over ZeroMQ: the wire protocol and CURVE keys, shared by hub and agents.
 
 Nothing here imports torch: agents' subscribers use it, and many of them run per host in tests.
-The protocol itself is written down once, in ``zk0/shared/protocol.md``.
+The protocol's contract is the models in ``protocol``; ``zk0/shared/protocol.md`` explains them.
 """

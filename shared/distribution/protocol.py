@@ -1,22 +1,36 @@
-"""The distribution protocol's messages and their codec (see ``zk0/shared/protocol.md``).
+"""The adapter distribution protocol: every message as a model, and the codec. The contract.
 
-Every message body is one msgpack map holding ``p`` (the protocol version) and ``t`` (the message
-type); chunk data travels as a second, raw frame. Decoding validates every field it uses (type,
-range, pattern, length) and raises ``ProtocolError`` with one line; nothing is ever unpickled.
-Unknown extra keys are ignored, so optional fields can be added without a new protocol version;
-any change of meaning bumps ``PROTOCOL_VERSION``.
+Hub (``zk0.hub.distribution``, ``zk0.hub.serving``, ``zk0.hub.fleet``), agent
+(``zk0.agent.distribution``) and bench build and read messages only through these models; the
+prose is ``zk0/shared/protocol.md``.
+
+A message body is one msgpack map: ``p`` (the sender's protocol version, ``"MAJOR.MINOR"``),
+``t`` (the message type) and the model's fields; chunk data travels as a second, raw frame.
+
+Version rule (``PROTOCOL``): peers of the same major understand each other, because a minor
+version only adds optional fields and unknown fields are ignored; a message of another major is
+refused with one line naming both versions (``ProtocolError`` with code ``protocol``). Any change
+of meaning bumps the major.
+
+Decoding never unpickles; it bounds the frame, every map's size and every field (type, range,
+pattern, length; an integer is never a boolean) and raises ``ProtocolError`` with one line that
+names the field, e.g. ``status.applied: Input should be a valid integer``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Literal, get_args
 
 import msgpack  # type: ignore[import-untyped]
+from pydantic import Field, ValidationError
 
-PROTOCOL_VERSION = 1
+from zk0.shared.agent_status import AgentReport
+from zk0.shared.config import AGENT_ID_PATTERN
+from zk0.shared.validation import Protocol, ProtocolVersionError, WireModel, describe
+
+PROTOCOL = Protocol("adapter distribution", "2.0")
 #: First frame of every message on the PUB socket (agents subscribe to it).
 ANNOUNCE_TOPIC = b"zk0.adapter"
 #: Chunk size agents ask for by default, and the most the hub serves in one reply.
@@ -28,246 +42,167 @@ MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_REQUEST_BYTES = 64 * 1024  # agent -> hub (ROUTER, XPUB upstream)
 MAX_REPLY_BYTES = MAX_CHUNK_BYTES + 64 * 1024  # hub -> agent (DEALER)
 MAX_ANNOUNCE_BYTES = 64 * 1024  # hub -> agent (SUB)
+#: Keys of any map in a message, nested ones included.
 MAX_MAP_KEYS = 32
-
-ARTIFACT_ID = re.compile(r"^[0-9a-f]{64}$")
-AGENT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-HUB_ID = re.compile(r"^[0-9a-f]{16}$")
-#: A file an agent may ask for: a plain name inside the artifact folder, never a path.
-FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-WORD = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 MAX_INT = 2**53
+#: A file an agent may ask for: a plain name inside the artifact folder, never a path.
+FILE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+FILE_NAME = re.compile(FILE_NAME_PATTERN)
+
+#: Versions, sequence numbers, offsets and sizes.
+Count = Annotated[int, Field(ge=0, le=MAX_INT)]
+ArtifactId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+HubId = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
+AgentId = Annotated[str, Field(pattern=AGENT_ID_PATTERN)]
+FileName = Annotated[str, Field(pattern=FILE_NAME_PATTERN)]
+Word = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+Detail = Annotated[str, Field(max_length=300)]
+#: denied (key not in the allow-list), protocol (another major version), bad_request (malformed
+#: or out of range), unknown_version (not stored, or another artifact), unavailable (the hub
+#: cannot read or verify that version).
+ErrorCode = Literal["denied", "protocol", "bad_request", "unknown_version", "unavailable"]
+ERROR_CODES: tuple[str, ...] = get_args(ErrorCode)
 
 
 class ProtocolError(ValueError):
-    """A frame is not a valid message of this protocol; ``code`` says how (see ``ErrorReply``)."""
+    """A frame is not a valid message of this protocol; ``code`` says how (see ``ErrorCode``)."""
 
-    def __init__(self, message: str, code: str = "bad_request") -> None:
+    def __init__(self, message: str, code: ErrorCode = "bad_request") -> None:
         super().__init__(message)
         self.code = code
 
 
-Check = Callable[[str, Any], Any]
-
-
-def _int(low: int = 0, high: int = MAX_INT, optional: bool = False) -> Check:
-    def check(name: str, value: Any) -> Any:
-        if value is None and optional:
-            return None
-        if type(value) is not int or not low <= value <= high:
-            raise ProtocolError(
-                f"{name}: expected an integer in [{low}, {high}], got {value!r:.40}"
-            )
-        return value
-
-    return check
-
-
-def _float(low: float, high: float) -> Check:
-    def check(name: str, value: Any) -> Any:
-        if type(value) not in (int, float) or not low <= value <= high:
-            raise ProtocolError(f"{name}: expected a number in [{low}, {high}], got {value!r:.40}")
-        return float(value)
-
-    return check
-
-
-def _str(
-    pattern: re.Pattern[str] | None = None, max_len: int = 256, optional: bool = False
-) -> Check:
-    def check(name: str, value: Any) -> Any:
-        if value is None and optional:
-            return None
-        if type(value) is not str or len(value) > max_len:
-            raise ProtocolError(f"{name}: expected a string of at most {max_len} characters")
-        if pattern is not None and not pattern.match(value):
-            raise ProtocolError(f"{name}: {value!r:.80} is not a valid value")
-        return value
-
-    return check
-
-
-def _bytes(max_len: int) -> Check:
-    def check(name: str, value: Any) -> Any:
-        if type(value) is not bytes or len(value) > max_len:
-            raise ProtocolError(f"{name}: expected at most {max_len} bytes")
-        return value
-
-    return check
-
-
-@dataclass(frozen=True)
-class Message:
-    TYPE: ClassVar[str]
-    CHECKS: ClassVar[dict[str, Check]]
+class Message(WireModel):
+    """A protocol message; each type declares ``t``, its name on the wire."""
 
     def body(self) -> bytes:
-        packed: bytes = msgpack.packb({"p": PROTOCOL_VERSION, "t": self.TYPE, **asdict(self)})
+        packed: bytes = msgpack.packb({"p": PROTOCOL.version, **self.model_dump()})
         return packed
 
 
-@dataclass(frozen=True)
-class Announce(Message):
-    """Hub -> all agents (PUB): the version every agent should run. Sent on every publish, to
-    every new subscriber and every heartbeat. ``version`` is None while the hub has none."""
+class Offer(Message):
+    """The version every agent should run; every field but ``hub``, ``seq`` and
+    ``heartbeat_s`` is None while the hub has none."""
 
-    TYPE: ClassVar[str] = "announce"
-    hub: str
-    seq: int
-    heartbeat_s: float
-    version: int | None
-    artifact_id: str | None
-    size: int | None
-    base_id: str | None
-    CHECKS: ClassVar[dict[str, Check]] = {
-        "hub": _str(HUB_ID),
-        "seq": _int(),
-        "heartbeat_s": _float(0.01, 3600.0),
-        "version": _int(optional=True),
-        "artifact_id": _str(ARTIFACT_ID, optional=True),
-        "size": _int(optional=True),
-        "base_id": _str(max_len=512, optional=True),
-    }
+    hub: HubId  # new per hub start
+    seq: Count
+    heartbeat_s: Annotated[float, Field(ge=0.01, le=3600.0, allow_inf_nan=False)]
+    version: Count | None
+    artifact_id: ArtifactId | None
+    size: Count | None  # the manifest's bytes plus every file's
+    base_id: Annotated[str, Field(max_length=512)] | None
 
 
-@dataclass(frozen=True)
-class Latest(Announce):
+class Announce(Offer):
+    """Hub -> all agents (PUB): sent on every publish, to every new subscriber, every heartbeat."""
+
+    t: Literal["announce"] = "announce"
+
+
+class Latest(Offer):
     """Hub -> one agent (ROUTER): the announce's content, as the reply to a ``Status``."""
 
-    TYPE: ClassVar[str] = "latest"
+    t: Literal["latest"] = "latest"
 
 
-@dataclass(frozen=True)
 class Status(Message):
     """Agent -> hub, every heartbeat and after every change: where this agent stands."""
 
-    TYPE: ClassVar[str] = "status"
-    agent_id: str
-    applied: int | None  # verified, stored, ``current`` in the agent's store
-    in_use: int | None  # running in the inference engine
-    state: str  # what the agent is doing (idle, recording, training, ...)
-    sync: str  # the subscriber's own state (up_to_date, fetching, hub_silent, ...)
-    episodes: int  # episodes recorded since the last round
-    error: str | None = None  # the last distribution error, e.g. a refused artifact
-    CHECKS: ClassVar[dict[str, Check]] = {
-        "agent_id": _str(AGENT_ID, max_len=63),
-        "applied": _int(optional=True),
-        "in_use": _int(optional=True),
-        "state": _str(WORD, max_len=32),
-        "sync": _str(WORD, max_len=32),
-        "episodes": _int(high=10**9),
-        "error": _str(max_len=300, optional=True),
-    }
+    t: Literal["status"] = "status"
+    agent_id: AgentId
+    applied: Count | None  # verified, stored, ``current`` in the agent's store
+    in_use: Count | None  # the version the inference engine computed its last chunk with
+    report: AgentReport  # what the agent does and the episodes it holds
+    sync: Word  # the subscriber's own state (up_to_date, fetching, hub_silent, ...)
+    error: Detail | None = None  # the last distribution error, e.g. a refused artifact
 
 
-@dataclass(frozen=True)
 class GetManifest(Message):
     """Agent -> hub: the canonical ``manifest.json`` of ``version`` (which must have that id)."""
 
-    TYPE: ClassVar[str] = "get_manifest"
-    version: int
-    artifact_id: str
-    CHECKS: ClassVar[dict[str, Check]] = {"version": _int(), "artifact_id": _str(ARTIFACT_ID)}
+    t: Literal["get_manifest"] = "get_manifest"
+    version: Count
+    artifact_id: ArtifactId
 
 
-@dataclass(frozen=True)
 class GetChunk(Message):
     """Agent -> hub: ``length`` bytes of ``file`` of ``version`` from ``offset``; one credit."""
 
-    TYPE: ClassVar[str] = "get_chunk"
-    version: int
-    artifact_id: str
-    file: str
-    offset: int
-    length: int
-    CHECKS: ClassVar[dict[str, Check]] = {
-        "version": _int(),
-        "artifact_id": _str(ARTIFACT_ID),
-        "file": _str(FILE_NAME, max_len=128),
-        "offset": _int(),
-        "length": _int(1, MAX_CHUNK_BYTES),
-    }
+    t: Literal["get_chunk"] = "get_chunk"
+    version: Count
+    artifact_id: ArtifactId
+    file: FileName
+    offset: Count
+    length: Annotated[int, Field(ge=1, le=MAX_CHUNK_BYTES)]
 
 
-@dataclass(frozen=True)
 class ManifestReply(Message):
-    TYPE: ClassVar[str] = "manifest"
-    version: int
-    artifact_id: str
-    manifest: bytes
-    CHECKS: ClassVar[dict[str, Check]] = {
-        "version": _int(),
-        "artifact_id": _str(ARTIFACT_ID),
-        "manifest": _bytes(MAX_MANIFEST_BYTES),
-    }
+    t: Literal["manifest"] = "manifest"
+    version: Count
+    artifact_id: ArtifactId
+    manifest: Annotated[bytes, Field(max_length=MAX_MANIFEST_BYTES)]
 
 
-@dataclass(frozen=True)
 class ChunkReply(Message):
     """Hub -> agent: two frames, this header and the raw bytes (``data``, not in the map)."""
 
-    TYPE: ClassVar[str] = "chunk"
-    version: int
-    artifact_id: str
-    file: str
-    offset: int
-    CHECKS: ClassVar[dict[str, Check]] = {
-        "version": _int(),
-        "artifact_id": _str(ARTIFACT_ID),
-        "file": _str(FILE_NAME, max_len=128),
-        "offset": _int(),
-    }
+    t: Literal["chunk"] = "chunk"
+    version: Count
+    artifact_id: ArtifactId
+    file: FileName
+    offset: Count
 
 
-#: Error codes: denied (key not in the allow-list), protocol (other protocol version),
-#: bad_request (malformed or out of range), unknown_version (not stored, or another artifact),
-#: unavailable (the hub cannot read or verify that version).
-ERROR_CODES = ("denied", "protocol", "bad_request", "unknown_version", "unavailable")
-
-
-@dataclass(frozen=True)
 class ErrorReply(Message):
-    TYPE: ClassVar[str] = "error"
-    code: str
-    detail: str
-    version: int | None = None
-    CHECKS: ClassVar[dict[str, Check]] = {
-        "code": _str(re.compile("^(" + "|".join(ERROR_CODES) + ")$")),
-        "detail": _str(max_len=300),
-        "version": _int(optional=True),
-    }
+    t: Literal["error"] = "error"
+    code: ErrorCode
+    detail: Detail
+    version: Count | None = None
 
 
-REQUESTS: dict[str, type[Message]] = {m.TYPE: m for m in (Status, GetManifest, GetChunk)}
-REPLIES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Latest, ManifestReply, ChunkReply, ErrorReply)
-}
+Request = Status | GetManifest | GetChunk
+Reply = Latest | ManifestReply | ChunkReply | ErrorReply
 
 
-def _decode(raw: bytes, allowed: dict[str, type[Message]], max_bytes: int) -> Message:
+def _by_type[M: Message](*models: type[M]) -> dict[str, type[M]]:
+    return {str(model.model_fields["t"].default): model for model in models}
+
+
+ANNOUNCES = _by_type(Announce)
+REQUESTS: dict[str, type[Request]] = _by_type(Status, GetManifest, GetChunk)
+REPLIES: dict[str, type[Reply]] = _by_type(Latest, ManifestReply, ChunkReply, ErrorReply)
+
+
+def _decode[M: Message](raw: bytes, allowed: Mapping[str, type[M]], max_bytes: int) -> M:
     if len(raw) > max_bytes:
         raise ProtocolError(f"message of {len(raw)} bytes, more than {max_bytes}")
     try:
-        body = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=False, timestamp=0)
-    except Exception as error:  # msgpack raises several unrelated types for malformed input
-        raise ProtocolError(f"not msgpack ({type(error).__name__})") from None
-    if type(body) is not dict or len(body) > MAX_MAP_KEYS:
-        raise ProtocolError("not a msgpack map of a protocol message")
-    if body.get("p") != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {body.get('p')!r:.20}, this side speaks {PROTOCOL_VERSION}",
-            code="protocol",
+        body = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            use_list=False,
+            timestamp=0,
+            max_map_len=MAX_MAP_KEYS,
         )
+    except Exception as error:  # msgpack raises several unrelated types for malformed input
+        raise ProtocolError(
+            f"not msgpack, or a map of more than {MAX_MAP_KEYS} keys ({type(error).__name__})"
+        ) from None
+    if type(body) is not dict:
+        raise ProtocolError("not a msgpack map of a protocol message")
+    try:
+        PROTOCOL.check(body.get("p"))
+    except ProtocolVersionError as error:
+        raise ProtocolError(str(error), code="protocol") from None
     kind = body.get("t")
-    cls = allowed.get(kind) if type(kind) is str else None
-    if cls is None:
+    model = allowed.get(kind) if type(kind) is str else None
+    if model is None:
         raise ProtocolError(f"unexpected message type {kind!r:.40}")
-    values = {}
-    for field in fields(cls):
-        if field.name not in body and field.default is MISSING:
-            raise ProtocolError(f"{kind}: missing {field.name}")
-        values[field.name] = cls.CHECKS[field.name](f"{kind}.{field.name}", body.get(field.name))
-    return cls(**values)
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        raise ProtocolError(describe(error, prefix=str(kind))) from None
 
 
 def encode(message: Message, data: bytes | None = None) -> list[bytes]:
@@ -284,19 +219,17 @@ def encode_announce(announce: Announce) -> list[bytes]:
 def decode_announce(frames: Sequence[bytes]) -> Announce:
     if len(frames) != 2 or frames[0] != ANNOUNCE_TOPIC:
         raise ProtocolError(f"an announce is 2 frames (topic, body), got {len(frames)}")
-    message = _decode(frames[1], {Announce.TYPE: Announce}, MAX_ANNOUNCE_BYTES)
-    assert isinstance(message, Announce)
-    return message
+    return _decode(frames[1], ANNOUNCES, MAX_ANNOUNCE_BYTES)
 
 
-def decode_request(frames: Sequence[bytes]) -> Message:
+def decode_request(frames: Sequence[bytes]) -> Request:
     """A request as the hub's ROUTER receives it, without the routing frame."""
     if len(frames) != 1:
         raise ProtocolError(f"a request is 1 frame, got {len(frames)}")
     return _decode(frames[0], REQUESTS, MAX_REQUEST_BYTES)
 
 
-def decode_reply(frames: Sequence[bytes]) -> tuple[Message, bytes | None]:
+def decode_reply(frames: Sequence[bytes]) -> tuple[Reply, bytes | None]:
     """A reply as the agent's DEALER receives it: the message and, for chunks, the data."""
     if not 1 <= len(frames) <= 2:
         raise ProtocolError(f"a reply is 1 or 2 frames, got {len(frames)}")

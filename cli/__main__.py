@@ -1,0 +1,5 @@
+"""``python -m zk0.cli``: the ``zk0`` command."""
+
+from zk0.cli import main
+
+main()

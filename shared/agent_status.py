@@ -1,0 +1,54 @@
+"""What an agent says about itself: to its own CLI (the control socket's ``status``) and to the
+hub (the distribution protocol's ``status``). One model, so both see the same numbers.
+
+Every number is bounded here, at the edge: the hub schedules runs on ``episodes_new`` and will
+weigh and show the totals, so an agent (buggy or hostile) cannot make it store absurd ones.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from zk0.shared.validation import WireModel
+
+#: What an agent does: one of the daemon's states (``zk0.agent.arbiter.AgentState``: idle,
+#: recording, running_policy, training), checked as a word so that a newer agent may add one.
+Word = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+#: Ample for any arm: a billion episodes, ten years of recording at 240 fps.
+MAX_EPISODES = 10**9
+MAX_FRAMES = 10**11
+MAX_SECONDS = 10**9
+Reason = Annotated[str, Field(max_length=300)]
+Phase = Literal["train", "evaluate"]
+Outcome = Literal["trained", "evaluated", "skipped", "dropped"]
+
+
+class RoundOutcome(WireModel):
+    """How this agent's part in the last federated round it was asked into ended.
+
+    ``trained``/``evaluated``: it replied. ``skipped``: the arm stayed busy for the agent's
+    ``train_wait_s`` and the round went on without it. ``dropped``: its ClientApp failed or died
+    while it held the compute (``reason`` says how).
+    """
+
+    round: Annotated[int, Field(ge=0, le=10**9)]
+    phase: Phase
+    outcome: Outcome
+    reason: Reason | None = None
+    at: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class AgentReport(WireModel):
+    """The agent's activity and its dataset, as it reports them."""
+
+    state: Word = "idle"
+    #: Episodes recorded since this agent last trained in a round (what the hub schedules on).
+    episodes_new: Annotated[int, Field(ge=0, le=MAX_EPISODES)] = 0
+    episodes_total: Annotated[int, Field(ge=0, le=MAX_EPISODES)] = 0
+    frames_total: Annotated[int, Field(ge=0, le=MAX_FRAMES)] = 0
+    recorded_s: Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)] = 0.0
+    #: The arm's job in progress (``record``, ``run_task``), if any.
+    job: Word | None = None
+    last_round: RoundOutcome | None = None
