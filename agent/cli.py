@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from zk0.agent.daemon_cli import register as register_daemon_commands
-from zk0.shared.cli import RobotOption, new_app, run_cli
+from zk0.agent.inference.engine_config import EngineConfig
+from zk0.shared.cli import RobotOption, from_options, new_app, option_help, run_cli
 from zk0.shared.config import AgentConfig, ConfigError, load_agent_config
 from zk0.shared.features import PolicyFeatures
 
@@ -194,18 +195,18 @@ def evaluate_policy(
         typer.Option("--stats", help="normalization.json (default: the adapter's)."),
     ] = None,
     episodes: Annotated[int, typer.Option("--episodes", min=1)] = 1,
-    mode: Annotated[str, typer.Option("--mode", help="async or sync.")] = "async",
+    mode: Annotated[str | None, typer.Option(help=option_help(EngineConfig, "mode"))] = None,
     backend: Annotated[str, typer.Option("--backend", help="torch or onnx.")] = "torch",
     aggregate: Annotated[
-        str, typer.Option(help="weighted_average, latest_only, average or conservative.")
-    ] = "weighted_average",
+        str | None, typer.Option(help=option_help(EngineConfig, "aggregate"))
+    ] = None,
     threshold: Annotated[
-        float, typer.Option(help="Next chunk when the queue holds <= this x chunk actions.")
-    ] = 0.5,
+        float | None, typer.Option(help=option_help(EngineConfig, "threshold"))
+    ] = None,
     horizon_s: Annotated[
         float | None, typer.Option(help="Actions per episode / fps (default episode_time_s).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Flow-matching noise seed.")] = 0,
+    seed: Annotated[int | None, typer.Option(help=option_help(EngineConfig, "seed"))] = None,
     threads: Annotated[int, typer.Option(min=1, help="torch/onnxruntime threads.")] = 1,
     onnx_wait: Annotated[
         bool,
@@ -227,20 +228,16 @@ def evaluate_policy(
 
     import torch
 
-    from zk0.agent.inference.engine import EngineConfig
     from zk0.agent.inference.evaluation import evaluate, load_stats, open_session, plot_queue_depth
     from zk0.shared.config import load_robot_config
     from zk0.shared.logs import new_run_dir, setup_logging
 
-    if mode not in ("async", "sync") or backend not in ("torch", "onnx"):
-        raise ValueError(f"--mode async|sync and --backend torch|onnx, got {mode!r}, {backend!r}")
-    robot = load_robot_config(robot_config)
-    engine_config = EngineConfig(
-        mode=mode,  # type: ignore[arg-type]
-        aggregate=aggregate,  # type: ignore[arg-type]
-        threshold=threshold,
-        seed=seed,
+    if backend not in ("torch", "onnx"):
+        raise ValueError(f"--backend: torch or onnx, got {backend!r}")
+    engine_config = from_options(
+        EngineConfig, mode=mode, aggregate=aggregate, threshold=threshold, seed=seed
     )
+    robot = load_robot_config(robot_config)
     run_dir = new_run_dir()
     log = setup_logging(run_dir, "eval", level="WARNING")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

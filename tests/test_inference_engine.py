@@ -17,7 +17,7 @@ import pytest
 from loguru import logger
 
 from conftest import SIM_ROBOT, wait_until
-from zk0.agent.inference.engine import EngineConfig
+from zk0.agent.inference.engine_config import EngineConfig
 from zk0.agent.inference.evaluation import Session, open_session
 from zk0.agent.inference.metrics import EpisodeResult
 from zk0.shared.artifact import reversion_artifact

@@ -34,28 +34,16 @@ from typing import Any
 
 import numpy as np
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field
 
-from zk0.agent.inference.action_queue import ActionQueue, AggregateName, timed_chunk
+from zk0.agent.inference.action_queue import ActionQueue, timed_chunk
 from zk0.agent.inference.backends import BackendSelector
+from zk0.agent.inference.engine_config import EngineConfig
 from zk0.agent.inference.frames import FrameLayout
 from zk0.agent.inference.metrics import ChunkRecord, EpisodeResult, Mode
 from zk0.agent.inference.realtime import RealTimeArm
 from zk0.agent.inference.swap import AdapterSlot, PolicyRuntime, VersionInUse
 
 clock = time.monotonic
-
-
-class EngineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    mode: Mode = "async"
-    aggregate: AggregateName = "weighted_average"
-    #: async: ask for the next chunk once the queue holds at most this fraction of a chunk.
-    threshold: float = Field(default=0.5, gt=0.0, le=1.0)
-    #: Actions used from each chunk (default: the policy's ``n_action_steps``).
-    actions_per_chunk: int | None = Field(default=None, gt=0)
-    seed: int = 0
 
 
 @dataclass(frozen=True)

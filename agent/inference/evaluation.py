@@ -20,7 +20,8 @@ import numpy as np
 from loguru import logger
 
 from zk0.agent.inference.backends import BackendName, BackendSelector, InferencePolicy
-from zk0.agent.inference.engine import EngineConfig, InferenceEngine
+from zk0.agent.inference.engine import InferenceEngine
+from zk0.agent.inference.engine_config import EngineConfig
 from zk0.agent.inference.frames import FrameLayout
 from zk0.agent.inference.metrics import EpisodeResult, Mode
 from zk0.agent.inference.realtime import RealTimeArm, realtime_config
