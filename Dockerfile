@@ -47,10 +47,15 @@ COPY agent ./agent
 COPY hub ./hub
 COPY shared ./shared
 COPY bench ./bench
+COPY cli ./cli
 COPY robot_configs ./robot_configs
-RUN .venv/bin/pip install --no-deps -c constraints.txt . \
+# The project the way users install it (and tests/test_installed.py runs it): a wheel, built
+# offline by the lock's setuptools (already in the venv: torch and lerobot need it), installed
+# non-editable; then the wheel and the build's leftovers go.
+RUN .venv/bin/pip wheel --no-deps --no-build-isolation --no-index -w /tmp/wheels . \
+    && .venv/bin/pip install --no-deps --no-index -c constraints.txt /tmp/wheels/zk0-*.whl \
     && .venv/bin/pip check \
-    && rm -rf build ./*.egg-info
+    && rm -rf /tmp/wheels build ./*.egg-info
 
 USER 10001:10001
 WORKDIR /var/lib/zk0

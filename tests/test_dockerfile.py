@@ -1,8 +1,10 @@
 """The Dockerfile: lint-clean (hadolint, no Docker engine needed) and in step with the project.
 
 What would otherwise surface only at ``docker build`` or ``docker run`` time: a package folder
-not copied, pins that disagree (pip refuses the build), ports that differ from the hub's
-defaults, a root user, the console scripts somewhere else than the systemd units expect.
+not copied, pins that disagree (pip refuses the build), a build backend the venv lacks, the
+project installed from the source tree rather than as a wheel, ports that differ from the
+hub's defaults, a root user, the console scripts somewhere else than the systemd units expect.
+(``tests/test_installed.py`` builds and runs the same wheel from the same files.)
 """
 
 from __future__ import annotations
@@ -50,6 +52,22 @@ def _instructions() -> list[tuple[str, str]]:
 
 def _all(instruction: str) -> list[str]:
     return [args for name, args in _instructions() if name == instruction]
+
+
+def _commands() -> list[str]:
+    """Every RUN's shell commands, in order (split on ``&&``)."""
+    return [part.strip() for args in _all("RUN") for part in args.split("&&")]
+
+
+def _locked() -> dict[str, str]:
+    """constraints.txt: package -> pinned version."""
+    return _pins(
+        [
+            line
+            for line in (REPO / "constraints.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        ]
+    )
 
 
 def _pins(requirements: list[str]) -> dict[str, str]:
@@ -102,23 +120,19 @@ def test_installs_exactly_the_pinned_dependencies() -> None:
     ).stdout.split()
     assert listed == PYPROJECT["project"]["dependencies"]
     # pip refuses a build whose pyproject pins disagree with constraints.txt.
-    constraints = [
-        line
-        for line in (REPO / "constraints.txt").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
-    locked = _pins(constraints)
+    locked = _locked()
     for name, version in _pins(listed).items():
         assert locked.get(name) == version, f"{name}: pyproject {version}, lock {locked.get(name)}"
 
 
 def test_copies_every_package_the_project_builds() -> None:
-    copied = {args.split()[0].rstrip("/") for args in _all("COPY")}
-    for folder in PYPROJECT["tool"]["setuptools"]["package-dir"].values():
+    copied = {part.rstrip("/") for args in _all("COPY") for part in args.split()[:-1]}
+    package_dirs = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
+    for folder in package_dirs:
         assert folder in copied, f"{folder}/ is a package but the Dockerfile does not copy it"
-    assert {"pyproject.toml", "constraints.txt", "README.md"} <= {
-        part for args in _all("COPY") for part in args.split()[:-1]
-    }
+    # Exactly the build's inputs (what tests/test_installed.py builds its wheel from), and
+    # the lock.
+    assert copied == {"pyproject.toml", "constraints.txt", "README.md", *package_dirs}
     ignore = [
         line.strip()
         for line in (REPO / ".dockerignore").read_text().splitlines()
@@ -126,8 +140,54 @@ def test_copies_every_package_the_project_builds() -> None:
     ]
     assert ignore[0] in ("*", "**")  # everything out first (.venv, .git, outputs, .cache)
     reincluded = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-    sources = {part for args in _all("COPY") for part in args.split()[:-1]}
-    assert sources <= reincluded, f"excluded by .dockerignore: {sources - reincluded}"
+    assert copied <= reincluded, f"excluded by .dockerignore: {copied - reincluded}"
+
+
+def test_installs_the_project_as_a_wheel_not_from_the_source_tree() -> None:
+    commands = _commands()
+    builds = [c for c in commands if re.search(r"\bpip wheel\b", c)]
+    assert len(builds) == 1, commands
+    build = shlex.split(builds[0])
+    # Offline, with the venv's own (locked) build backend, from the copied project.
+    assert {"--no-deps", "--no-build-isolation", "--no-index"} <= set(build), build
+    assert build[-1] == "."
+    wheels = build[build.index("-w") + 1]
+    # The build runs once every package folder is in place.
+    instructions = _instructions()
+    build_at = next(i for i, (_, args) in enumerate(instructions) if "pip wheel" in args)
+    assert all(i < build_at for i, (name, _) in enumerate(instructions) if name == "COPY")
+
+    installs = [c for c in commands if re.search(r"\bpip install\b", c) and "pip==" not in c]
+    project = [c for c in installs if "-r" not in shlex.split(c)]
+    assert len(project) == 1, installs  # the dependencies (-r), then the project once
+    install = shlex.split(project[0])
+    assert install[-1] == f"{wheels}/zk0-*.whl", install  # the wheel just built...
+    assert not {"-e", "--editable", "."} & set(install), install  # ...never the tree
+    assert {"--no-deps", "--no-index"} <= set(install), install
+    assert install[install.index("-c") + 1] == "constraints.txt", install
+
+    after = commands[commands.index(project[0]) + 1 :]
+    assert after and after[0].endswith("pip check"), after
+    removed = {arg for c in after if c.startswith("rm ") for arg in shlex.split(c)[1:]}
+    assert {wheels, "build", "./*.egg-info"} <= removed, after
+
+
+def test_the_locked_setuptools_builds_the_wheel_without_downloads() -> None:
+    """``--no-build-isolation`` builds with what the venv holds: the lock's setuptools (there
+    because torch and lerobot need it) must satisfy pyproject's build requirement, and build
+    wheels by itself (setuptools >= 70.1 does; no ``wheel`` package is needed)."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    system = PYPROJECT["build-system"]
+    assert system["build-backend"] == "setuptools.build_meta"
+    locked = _locked()
+    for requirement in map(Requirement, system["requires"]):
+        assert requirement.name in locked, f"{requirement}: not in constraints.txt"
+        assert requirement.specifier.contains(locked[requirement.name]), (
+            f"{requirement}: constraints.txt pins {locked[requirement.name]}"
+        )
+    assert Version(locked["setuptools"]) >= Version("70.1")
 
 
 def test_runs_as_non_root_with_console_scripts_where_the_units_expect_them() -> None:
