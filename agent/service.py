@@ -27,6 +27,7 @@ import faulthandler
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,7 @@ class AgentService:
             self.control = self._control_server().start()
             stack.callback(self.control.close)
             stack.callback(self.jobs.stop)
-            self._status_line = self._describe(dataset_size(self.dataset_root))
+            self._status_line = self._describe(self._report(dataset_size(self.dataset_root)))
             notify(READY=1, STATUS=self._status_line)
             logger.info("agent {} ready: {}", self.config.agent_id, self._status_line)
             try:
@@ -190,9 +191,9 @@ class AgentService:
             self._round_ended(dead.server_round, dead.phase, "dropped", why)
         if self.supernode is not None:
             self.supernode.check()
-        size = dataset_size(self.dataset_root)  # one read of info.json per turn
-        self.subscriber.set_report(self._report(size))
-        line = self._describe(size)
+        report = self._report(dataset_size(self.dataset_root))  # one read of info.json per turn
+        self.subscriber.set_report(report)
+        line = self._describe(report)
         if line != self._status_line:
             self._status_line = line
             notify(STATUS=line)
@@ -210,10 +211,9 @@ class AgentService:
             last_round=self.ledger.last_round,
         )
 
-    def _describe(self, size: DatasetSize) -> str:
+    def _describe(self, report: AgentReport) -> str:
         version = self.session.slot.version
         adapter = "base" if version is None else f"v{version}"
-        report = self._report(size)
         return (
             f"{report.state}, adapter {adapter}, {report.episodes_total} episodes "
             f"({report.episodes_new} new)"
@@ -251,7 +251,9 @@ class AgentService:
         server.on(ac.ComputeEnd, self._compute_end)
         return server
 
-    def _start_arm_job(self, state: AgentState, kind: JobKind, work: Any) -> ac.JobStarted:
+    def _start_arm_job(
+        self, state: AgentState, kind: JobKind, work: Callable[[Job], JobResult]
+    ) -> ac.JobStarted:
         with self.lock:
             try:
                 self.arbiter.start_arm_job(state)

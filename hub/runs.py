@@ -169,11 +169,12 @@ class FederatedRun:
             pass  # not written yet, or caught while the ServerApp rewrites it: keep the last
         return self._completed
 
-    def abandoned(self, why: str) -> RunOutcome:
+    def abandoned(self, why: str, returncode: int = -15) -> RunOutcome:
+        """The outcome of a run that did not end by itself (stopped, or never started)."""
         return RunOutcome(
             index=self.index,
             run_dir=str(self.run_dir),
-            returncode=-15,
+            returncode=returncode,
             ended_at=now_iso(),
             error=why,
         )

@@ -250,7 +250,7 @@ class HubService:
             self.run = run.start()
         except OSError as error:  # e.g. the logs folder is full: a failed run, not a dead hub
             logger.error("run {} could not start: {}", index, error)
-            self._finished(run.abandoned(f"not started: {error}"))
+            self._finished(run.abandoned(f"not started: {error}", returncode=-1))
             return run
         self.book.save(self.book_path)
         return run

@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from zk0.shared.config import SO_ARM_JOINTS, ConfigError
+from zk0.shared.validation import describe
 
 #: Key of the joint-state stream in ``capture_stamps()``; cameras use their observation key.
 STATE_STREAM = "state"
@@ -170,7 +171,4 @@ def parse_options[M: BaseModel](model: type[M], options: dict[str, Any], backend
     try:
         return model.model_validate(options)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise ConfigError(f"options.{where}: {message} ({backend})") from None
+        raise ConfigError(f"{describe(error, 'options')} ({backend})") from None
