@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from loguru import logger
 
 from zk0.agent.arbiter import AgentState, Arbiter
@@ -46,6 +47,9 @@ from zk0.shared.processes import Supervised, free_port, process_alive
 from zk0.shared.sdnotify import Watchdog, credential_path, handle_sigterm, notify, service_dirs
 
 LOOP_TICK_S = 0.2
+#: How long the SuperLink counts a node online after its last heartbeat (Flower's default
+#: interval x patience), plus two of the ServerApp's 3 s polls for replies.
+NODE_EXPIRY_S = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL + 2 * 3.0
 
 
 def _credential_keys(keys: AgentKeys | None) -> AgentKeys | None:
@@ -90,12 +94,14 @@ class AgentService:
         torch.set_num_threads(self.config.torch_threads)
         watchdog = Watchdog.from_env()
         with contextlib.ExitStack() as stack:
+            # First, so that a second daemon on the same socket stops before touching the arm;
+            # requests wait in the socket until the loop serves them.
+            self.control = self._control_server().start()
+            stack.callback(self.control.close)
             notify(STATUS="connecting the arm and loading the policy")
             self._open_session(stack)
             self.subscriber = self._start_subscriber(stack)
             self.supernode = self._start_supernode(stack)
-            self.control = self._control_server().start()
-            stack.callback(self.control.close)
             stack.callback(self.jobs.stop)
             self._status_line = self._describe(self._report(dataset_size(self.dataset_root)))
             notify(READY=1, STATUS=self._status_line)
@@ -175,7 +181,16 @@ class AgentService:
             ).process
 
         supervised = Supervised(make)
-        supervised.start()
+        # After a crash the SuperLink still counts this node online until its heartbeats are
+        # overdue. A SuperNode back with the same key before the ServerApp saw that would take
+        # over the node, and the message the dead one held would never fail: the round would
+        # wait for it until its timeout. So it comes back only once that message has failed.
+        delay_s = NODE_EXPIRY_S if self.control.replaced_stale else 0.0
+        if delay_s:
+            logger.warning(
+                "the last agent died uncleanly: joining federations in {:.0f} s", delay_s
+            )
+        supervised.start(delay_s=delay_s)
         stack.callback(supervised.stop)
         return supervised
 

@@ -117,26 +117,10 @@ class Demo:
     # -- the steps ------------------------------------------------------------------------------
     def start_hub(self) -> Daemon:
         folder = self.run_dir / "hub"
-        self.hub_config = HubConfig(
-            bind_host="127.0.0.1",
-            flower_port=free_port(),
-            publish_port=free_port(),
-            fetch_port=free_port(),
-            store_root=folder / "adapters",
-            state_dir=folder / "state",
+        self.hub_config = loopback_hub_config(
+            folder,
             control_socket=self.sockets / "hub.sock",
             policy=self.options.policy,
-            heartbeat_s=0.5,
-            keys=HubKeys(
-                curve_secret=folder / "keys" / "hub.key_secret",
-                curve_public=folder / "keys" / "hub.key",
-                allow_list_dir=folder / "allowed",
-            ),
-            tls=HubTls(
-                ca_cert=folder / "tls" / "ca.crt",
-                server_cert=folder / "tls" / "server.crt",
-                server_key=folder / "tls" / "server.key",
-            ),
             runs=RunsConfig(
                 trigger="episodes",
                 min_new_episodes=self.options.episodes,
@@ -216,6 +200,30 @@ def write_config(path: Path, config: BaseModel) -> Path:
     content = config.model_dump(mode="json", exclude_none=True)
     path.write_text(yaml.safe_dump(content, sort_keys=False))
     return path
+
+
+def loopback_hub_config(folder: Path, **settings: Any) -> HubConfig:
+    """A hub on this machine's loopback, on free ports, with its store, state, keys and TLS
+    files under ``folder`` (keys made by ``zk0-hub keys init``); ``settings``: further fields."""
+    return HubConfig(
+        bind_host="127.0.0.1",
+        flower_port=free_port(),
+        publish_port=free_port(),
+        fetch_port=free_port(),
+        store_root=folder / "adapters",
+        state_dir=folder / "state",
+        keys=HubKeys(
+            curve_secret=folder / "keys" / "hub.key_secret",
+            curve_public=folder / "keys" / "hub.key",
+            allow_list_dir=folder / "allowed",
+        ),
+        tls=HubTls(
+            ca_cert=folder / "tls" / "ca.crt",
+            server_cert=folder / "tls" / "server.crt",
+            server_key=folder / "tls" / "server.key",
+        ),
+        **{"heartbeat_s": 0.5, **settings},
+    )
 
 
 def agent_config(

@@ -94,6 +94,8 @@ class ControlServer:
         self._handlers: dict[str, tuple[type[Command[Any]], Handler]] = {}
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._socket: zmq.Socket[bytes] | None = None
+        #: Whether ``start`` found the socket file of a daemon that died without closing it.
+        self.replaced_stale = False
 
     def on[C: Command[Any]](self, command: type[C], handler: Callable[[C], WireModel]) -> None:
         """Answer ``command`` with ``handler``, which returns the command's reply model."""
@@ -107,6 +109,7 @@ class ControlServer:
                 _exchange(self.path, self.protocol, "ping", {}, timeout_s=1.0)
             except ControlError:
                 self.path.unlink()  # a stale file left by a daemon that was killed
+                self.replaced_stale = True
             else:
                 raise ControlError(f"{self.path}: another {self.name} is running")
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -179,9 +179,13 @@ class Supervised:
         process = self.child.process if self.child is not None else None
         return process.pid if process is not None and self.running else None
 
-    def start(self, wait: bool = False) -> None:
+    def start(self, wait: bool = False, delay_s: float = 0.0) -> None:
         """The first start; with ``wait``, block until ready (RuntimeError with the child's last
-        log line if it exits or is not ready within the start timeout)."""
+        log line if it exits or is not ready within the start timeout); with ``delay_s``, not
+        before that many seconds (``check`` starts it)."""
+        if delay_s > 0:
+            self._restart_at = time.monotonic() + delay_s
+            return
         self._launch(time.monotonic())
         if not wait:
             return
@@ -192,7 +196,7 @@ class Supervised:
         if self.state != "up":
             assert self.child is not None
             self.stop()
-            why = self.last_exit or f"not ready within {self.start_timeout_s:.0f} s"
+            why = self.last_exit or f"not ready within {self.start_timeout_s:g} s"
             raise RuntimeError(f"{self.child.name} did not start ({why})")
 
     def check(self, now: float | None = None) -> None:
@@ -200,7 +204,7 @@ class Supervised:
         now = time.monotonic() if now is None else now
         self._progress(now)
         if self.state == "down" and self._restart_at is not None and now >= self._restart_at:
-            self.restarts += 1
+            self.restarts += self.child is not None  # a delayed first start is no restart
             self._launch(now)
 
     def stop(self) -> None:
@@ -227,7 +231,7 @@ class Supervised:
                 logger.info("{} is up (pid {})", child.name, self.pid)
             elif now - self._since > self.start_timeout_s:
                 child.stop()
-                self._failed(now, f"not ready within {self.start_timeout_s:.0f} s")
+                self._failed(now, f"not ready within {self.start_timeout_s:g} s")
         elif now - self._since >= self.healthy_s:
             self._backoff_s = self.min_backoff_s  # it recovered: the back-off starts over
 

@@ -43,12 +43,11 @@ from typing import Any
 
 import pytest
 
-from zk0.hub.demo_fleet import agent_config, write_config
+from zk0.hub.demo_fleet import agent_config, loopback_hub_config, write_config
 from zk0.shared import agent_control as ac
 from zk0.shared import hub_control as hc
-from zk0.shared.config import HubConfig, HubKeys, HubTls, RunsConfig
+from zk0.shared.config import RunsConfig
 from zk0.shared.control import Command, ControlError, request
-from zk0.shared.processes import free_port
 from zk0.shared.validation import WireModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -487,26 +486,10 @@ def test_installed_hub_and_agent_enrol_record_train_and_hot_swap(fleet: Fleet) -
 def _fleet_round(fleet: Fleet) -> None:
     root, install = fleet.root, fleet.installed.root
     hub_dir, agent_dir = root / "hub", root / "agent"
-    hub = HubConfig(
-        bind_host="127.0.0.1",
-        flower_port=free_port(),
-        publish_port=free_port(),
-        fetch_port=free_port(),
-        store_root=hub_dir / "adapters",
-        state_dir=hub_dir / "state",
+    hub = loopback_hub_config(
+        hub_dir,
         control_socket=root / "hub.sock",
         policy="tiny-sim-base",
-        heartbeat_s=0.5,
-        keys=HubKeys(
-            curve_secret=hub_dir / "keys" / "hub.key_secret",
-            curve_public=hub_dir / "keys" / "hub.key",
-            allow_list_dir=hub_dir / "allowed",
-        ),
-        tls=HubTls(
-            ca_cert=hub_dir / "tls" / "ca.crt",
-            server_cert=hub_dir / "tls" / "server.pem",
-            server_key=hub_dir / "tls" / "server.key",
-        ),
         runs=RunsConfig(
             trigger="manual",
             min_agents=1,
