@@ -252,17 +252,17 @@ class Supervised:
 
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid``, from /proc (children before grandchildren)."""
-    parents: dict[int, int] = {}
+    parent_of: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
+            parent_of[int(stat.parent.name)] = int(fields[1])
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile
     found: list[int] = []
     frontier = [pid]
     while frontier:
-        below = [child for child, parent in parents.items() if parent in frontier]
+        below = [child for child, parent in parent_of.items() if parent in frontier]
         found += below
         frontier = below
     return found
