@@ -72,11 +72,3 @@ class Protocol:
                 f"{self.name} protocol: the peer speaks {received}, this side speaks "
                 f"{self.version} (another major version: upgrade the older side)"
             )
-
-
-def parse[M: BaseModel](model: type[M], raw: object, prefix: str = "") -> M:
-    """``model`` validated from ``raw``; ``ValueError`` with one line naming the field."""
-    try:
-        return model.model_validate(raw)
-    except ValidationError as error:
-        raise ValueError(describe(error, prefix)) from None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal
 
 import msgpack  # type: ignore[import-untyped]
 from pydantic import Field, ValidationError
@@ -61,7 +61,6 @@ Detail = Annotated[str, Field(max_length=300)]
 #: or out of range), unknown_version (not stored, or another artifact), unavailable (the hub
 #: cannot read or verify that version).
 ErrorCode = Literal["denied", "protocol", "bad_request", "unknown_version", "unavailable"]
-ERROR_CODES: tuple[str, ...] = get_args(ErrorCode)
 
 
 class ProtocolError(ValueError):
