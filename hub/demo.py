@@ -152,8 +152,8 @@ def _run(demo: Demo, console: Console) -> DemoResults:
             status = victim.answer(ac.Status())
             training = status.training if status else None
             if training and training.round == options.chaos_kill_round:
-                assert victim.pid is not None
-                os.kill(victim.pid, signal.SIGKILL)
+                assert victim.supervised.pid is not None
+                os.kill(victim.supervised.pid, signal.SIGKILL)
                 victim.killed += 1
                 logger.warning("chaos: SIGKILLed {} in round {}", victim.name, training.round)
                 bars.update(rounds, note=f"SIGKILLed {victim.name} in round {training.round}")

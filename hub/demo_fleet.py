@@ -77,11 +77,6 @@ class Daemon:
         except ControlError:
             return None
 
-    @property
-    def pid(self) -> int | None:
-        child = self.supervised.child
-        return child.process.pid if child is not None and child.process is not None else None
-
 
 @dataclass
 class Demo:
