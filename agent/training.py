@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ class TrainConfig:
     local_steps: int = 20
     batch_size: int = 8
     lr: float = 1e-4
+    #: Linear warm-up steps before the cosine decay (pretraining a base from scratch wants some).
+    warmup_steps: int = 0
+    #: AdamW's betas; SmolVLA's own training recipe uses (0.9, 0.95).
+    betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-10
     grad_clip_norm: float = 10.0
     seed: int = 0
@@ -104,10 +109,10 @@ def train_policy(model: Any, preprocessor: Any, dataset: Any, config: TrainConfi
             if ".lora_A." in name:
                 parameter.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.local_steps))
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
     )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
     start, losses, examples = time.perf_counter(), [], 0
@@ -130,6 +135,18 @@ def train_policy(model: Any, preprocessor: Any, dataset: Any, config: TrainConfi
         "trained {} steps in {:.1f}s, loss {:.4f}", config.local_steps, seconds, np.mean(tail)
     )
     return TrainResult(float(np.mean(tail)), config.local_steps, seconds, examples)
+
+
+def _schedule(config: TrainConfig) -> Callable[[int], float]:
+    """Learning-rate factor per step: linear warm-up, then cosine from 1 to 0."""
+    warmup, total = config.warmup_steps, config.local_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return factor
 
 
 @torch.no_grad()
