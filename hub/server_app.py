@@ -5,7 +5,9 @@
    on an empty store, gather every node's statistics, combine them exactly, and store version 0:
    a fresh adapter carrying the shared normalization.
 3. Federated evaluation of the starting adapter (round 0), then ``num-server-rounds`` rounds of
-   LoRAFedAvg, each ending in a new stored version with its metrics.
+   LoRAFedAvg, each ending in a new stored version with its metrics. With a ``server-optimizer``
+   its state is saved in the run folder after each version and picked up again by a restarted
+   hub of the same run (``zk0.hub.server_optimizer``).
 4. ``eval_mse_history.json``, ``eval_mse_chart.png`` and a summary table in the run folder.
 """
 
@@ -29,6 +31,7 @@ from loguru import logger
 
 from zk0.hub.aggregation import Arrays
 from zk0.hub.history import EvalHistory
+from zk0.hub.server_optimizer import OptimizerState, load_state, run_key, save_state, state_path
 from zk0.hub.strategy import LoRAFedAvg, agent_of, to_numpy, to_record
 from zk0.shared.artifact import TENSORS_FILE, ArtifactError, save_adapter, save_adapter_arrays
 from zk0.shared.config import load_robot_config
@@ -180,8 +183,19 @@ def main(grid: Grid, context: Context) -> None:
         settings.num_server_rounds,
     )
 
+    optimizer_state: OptimizerState | None = None
+    if settings.server_optimizer != "none":
+        optimizer_state = load_state(
+            state_path(run_dir),
+            kind=settings.server_optimizer,
+            run=run_key(run_dir),
+            version=version,
+            reference=arrays,
+        )
     strategy = LoRAFedAvg(
         aggregation=settings.aggregation,
+        optimizer=settings,
+        optimizer_state=optimizer_state,
         fraction_train=settings.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=settings.min_nodes,
@@ -219,6 +233,16 @@ def main(grid: Grid, context: Context) -> None:
                 round_=first_round + server_round,
                 metrics=metrics,
             )
+            if strategy.optimizer_state is not None:  # after the version it continues from
+                try:
+                    save_state(
+                        state_path(run_dir),
+                        strategy.optimizer_state,
+                        run=run_key(run_dir),
+                        version=state["version"],
+                    )
+                except OSError as error:  # costs a restart its momentum, not the run its round
+                    logger.warning("server optimizer state not saved: {}", error)
         history.write(run_dir)
         return MetricRecord({EVAL_MSE: average}) if average is not None else None
 

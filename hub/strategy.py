@@ -4,8 +4,10 @@ Flower's FedAvg refuses a whole round when one reply is inconsistent; on a fleet
 misbehaving node must not cost everyone the round. Here every reply is validated on its own
 (names, shapes, dtypes, finite values, example count; for FFA-LoRA an unchanged A) and a bad
 reply is dropped with a log line naming the agent, while the rest are aggregated by the pure
-functions of ``zk0.hub.aggregation``. The strategy also keeps what the hub reports per round:
-bytes sent and received, dropped agents, and each agent's evaluation MSE keyed by agent id.
+functions of ``zk0.hub.aggregation``, then, if the run asks for one, a server optimizer
+(FedAvgM, FedAdam: ``zk0.hub.server_optimizer``) steps from the round's starting adapter towards
+that aggregate. The strategy also keeps what the hub reports per round: bytes sent and received,
+dropped agents, and each agent's evaluation MSE keyed by agent id.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from zk0.hub.aggregation import (
     ffa_violation,
     validate_update,
 )
+from zk0.hub.server_optimizer import OptimizerSettings, OptimizerState
+from zk0.hub.server_optimizer import step as server_step
 from zk0.shared.federation import (
     AGENT_ID,
     ARRAYS_KEY,
@@ -72,11 +76,26 @@ class LoRAFedAvg(FedAvg):
     """FedAvg over adapter tensors, weighted by examples, tolerant of bad replies.
 
     ``aggregation`` picks the maths (``fedavg``, ``svd``, ``ffa``; see ``zk0.hub.aggregation``).
+    ``optimizer`` (its ``server-*`` settings) and ``optimizer_state`` (where it continues from,
+    e.g. after a hub restart) add a server optimizer; ``optimizer_state`` is the state after the
+    last aggregated round, for the caller to save. None (or ``server-optimizer: none``): plain.
     """
 
-    def __init__(self, *, aggregation: Mode = "fedavg", **fedavg_options: object) -> None:
+    def __init__(
+        self,
+        *,
+        aggregation: Mode = "fedavg",
+        optimizer: OptimizerSettings | None = None,
+        optimizer_state: OptimizerState | None = None,
+        **fedavg_options: object,
+    ) -> None:
         super().__init__(**fedavg_options)  # type: ignore[arg-type]
         self.aggregation = aggregation
+        self.optimizer: OptimizerSettings | None = None
+        self.optimizer_state: OptimizerState | None = None
+        if optimizer is not None and optimizer.server_optimizer != "none":
+            self.optimizer = optimizer
+            self.optimizer_state = optimizer_state or OptimizerState(optimizer.server_optimizer)
         self.reports: dict[int, RoundReport] = {}
         self._reference: dict[int, Arrays] = {}
         self._train_started: dict[int, float] = {}
@@ -122,11 +141,18 @@ class LoRAFedAvg(FedAvg):
             )
             return None, None
         merged = aggregate(self.aggregation, updates, reference)
+        if self.optimizer is not None and self.optimizer_state is not None:
+            merged, self.optimizer_state = server_step(
+                reference, merged, self.optimizer_state, self.optimizer
+            )
         logger.info(
-            "round {}: aggregated {} replies ({}), dropped {}",
+            "round {}: aggregated {} replies ({}{}), dropped {}",
             server_round,
             len(updates),
             self.aggregation,
+            f", {self.optimizer_state.kind} step {self.optimizer_state.step}"
+            if self.optimizer_state is not None
+            else "",
             sorted(report.dropped) or "none",
         )
         return to_record(merged), aggregate_metricrecords(accepted, self.weighted_by_key)

@@ -16,7 +16,7 @@ from copy import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from zk0.shared.config import (
     AGENT_ID_PATTERN,
@@ -113,6 +113,33 @@ class RunSettings(FlowerSettings):
     aggregation: Annotated[
         Literal["fedavg", "svd", "ffa"], _help("How client adapters are merged.")
     ] = "fedavg"
+    # The server optimizer on the aggregated delta (zk0.hub.server_optimizer), with Flower's
+    # update rules: FedAvgM (server_learning_rate, server_momentum), FedAdam (eta, beta_1,
+    # beta_2, tau). One η for both: each optimizer reads only its own fields.
+    server_optimizer: Annotated[
+        Literal["none", "fedavgm", "fedadam"],
+        _help("Server optimizer on the aggregated adapter delta: none, fedavgm or fedadam."),
+    ] = "none"
+    server_lr: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=10,
+            description="Server learning rate η (FedAdam moves a weight up to ~η a step).",
+        ),
+    ] = 1.0
+    server_momentum: Annotated[
+        float, Field(ge=0, lt=1, description="FedAvgM's momentum β: v = β·v + Δ.")
+    ] = 0.9
+    server_beta1: Annotated[
+        float, Field(ge=0, lt=1, description="FedAdam's first-moment decay β1.")
+    ] = 0.9
+    server_beta2: Annotated[
+        float, Field(ge=0, lt=1, description="FedAdam's second-moment decay β2.")
+    ] = 0.99
+    server_tau: Annotated[
+        float, Field(gt=0, le=1, description="FedAdam's adaptivity τ, added to √v.")
+    ] = 1e-3
     # LoraSpec's own fields (default, bounds, help), flat as Flower's run config needs them.
     lora_rank: int = _lora_field("rank")
     lora_alpha: float = _lora_field("alpha")
@@ -131,6 +158,19 @@ class RunSettings(FlowerSettings):
     sim_data_root: Annotated[
         str, _help("Simulation only: folder of one dataset per simulated agent.")
     ] = ""
+
+    @field_validator("server_optimizer")
+    @classmethod
+    def _optimizer_needs_a_stable_basis(cls, value: str, info: ValidationInfo) -> str:
+        # Refused rather than applied to ΔW: svd re-factors B and A in a new basis every round,
+        # so a momentum of the factors would add up vectors of unrelated bases.
+        if value != "none" and info.data.get("aggregation") == "svd":
+            raise ValueError(
+                f"{value} cannot follow aggregation svd (svd re-factors the LoRA factors in a "
+                "new basis every round, so server momentum on them is meaningless); "
+                "use aggregation fedavg or ffa, or server-optimizer none"
+            )
+        return value
 
     @property
     def lora(self) -> LoraSpec:
