@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from loguru import logger
 
+from zk0.agent.training import VIDEO_BACKEND
 from zk0.shared.features import ACTION_KEY, STATE_KEY
 
 
@@ -28,10 +29,12 @@ class DecodedFrames(torch.utils.data.Dataset[dict[str, Any]]):
 
     def __init__(self, root: Path, chunk_size: int, episodes: list[int] | None = None) -> None:
         from lerobot.datasets.lerobot_dataset import LeRobotDataset
-        from lerobot.datasets.video_utils import decode_video_frames, get_safe_default_video_backend
+        from lerobot.datasets.video_utils import decode_video_frames
 
         root = Path(root)
-        dataset = LeRobotDataset(root.name, root=root, episodes=episodes)
+        dataset = LeRobotDataset(
+            root.name, root=root, episodes=episodes, video_backend=VIDEO_BACKEND
+        )
         meta = dataset.meta
         columns = dataset.hf_dataset.with_format("numpy")
         episode_index = np.asarray(columns["episode_index"])
@@ -52,7 +55,6 @@ class DecodedFrames(torch.utils.data.Dataset[dict[str, Any]]):
         # Rows of one episode are contiguous; where each row's episode ends (exclusive).
         self.episode_end = np.zeros(len(episode_index), dtype=np.int64)
         self.images: dict[str, torch.Tensor] = {}
-        backend = get_safe_default_video_backend()
         frames: dict[str, list[torch.Tensor]] = {key: [] for key in self.video_keys}
         boundaries = np.flatnonzero(np.diff(episode_index)) + 1
         for start, end in zip(
@@ -68,7 +70,7 @@ class DecodedFrames(torch.utils.data.Dataset[dict[str, Any]]):
                         path,
                         [offset + float(t) for t in timestamps[start:end]],
                         dataset.tolerance_s,
-                        backend,
+                        VIDEO_BACKEND,
                         return_uint8=True,
                     )
                 )

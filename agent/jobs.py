@@ -17,14 +17,13 @@ from loguru import logger
 
 from zk0.shared.agent_control import JobView, RecordResult, TaskResult
 
-_ids = count(1)
 JobKind = Literal["record", "run_task"]
 JobResult = RecordResult | TaskResult
 
 
 class Job:
-    def __init__(self, kind: JobKind, work: Callable[[Job], JobResult]) -> None:
-        self.id = next(_ids)
+    def __init__(self, job_id: int, kind: JobKind, work: Callable[[Job], JobResult]) -> None:
+        self.id = job_id
         self.kind, self.work = kind, work
         self.stop = threading.Event()
         self.state: Literal["running", "done", "failed"] = "running"
@@ -52,12 +51,22 @@ class Job:
 
 class JobRunner:
     """Runs one job at a time; ``on_end`` frees the arm when a job ends, however it ends;
-    ``on_stop`` ends an episode under the policy at once when a stop is asked for."""
+    ``on_stop`` ends an episode under the policy at once when a stop is asked for.
 
-    def __init__(self, on_end: Callable[[], None], on_stop: Callable[[], None]) -> None:
+    Job ids count from ``first_id``: the daemon starts after the last job its stored task
+    episodes name, so a job id names one job across restarts.
+    """
+
+    def __init__(
+        self, on_end: Callable[[], None], on_stop: Callable[[], None], first_id: int = 1
+    ) -> None:
         self.on_end, self.on_stop = on_end, on_stop
         self.current: Job | None = None
         self._thread: threading.Thread | None = None
+        self._ids = count(first_id)
+
+    def new(self, kind: JobKind, work: Callable[[Job], JobResult]) -> Job:
+        return Job(next(self._ids), kind, work)
 
     def start(self, job: Job) -> None:
         self.current = job

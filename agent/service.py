@@ -12,7 +12,9 @@ It owns the arm's connection and composes everything else around it:
   which asks for the compute before every round (:mod:`zk0.agent.arbiter` decides).
 
 Control commands: ``zk0.shared.agent_control`` (``zk0-agent status|start-recording|run-task|
-stop-job|rollback``, and the ClientApp's ``compute_begin``/``compute_end``).
+stop-job|rollback|label|labels``, and the ClientApp's ``compute_begin``/``compute_end``).
+Every task episode and its operator label is kept in ``<data_root>/task_episodes.jsonl``
+(``zk0.agent.task_labels``).
 
 Under systemd: ``READY=1`` once the arm is connected and the policy (the stored adapter, or
 the base on a first boot) is loaded and warm, ``WATCHDOG=1`` from the main loop's progress,
@@ -37,6 +39,7 @@ from loguru import logger
 from zk0.agent.arbiter import AgentState, Arbiter
 from zk0.agent.jobs import Job, JobKind, JobResult, JobRunner
 from zk0.agent.ledger import DatasetSize, Ledger, dataset_size
+from zk0.agent.task_labels import FILE_NAME, LabelError, TaskEpisodeStore, run_task
 from zk0.shared import agent_control as ac
 from zk0.shared.agent_status import AgentReport, Outcome, Phase, RoundOutcome
 from zk0.shared.config import AgentCompute, AgentConfig, AgentKeys
@@ -72,7 +75,12 @@ class AgentService:
         self.arbiter = Arbiter()
         self.lock = threading.Lock()
         self.ledger = Ledger(config.data_root / "agent_state.json")
-        self.jobs = JobRunner(self._end_arm_job, lambda: self.session.engine.end_episode())
+        self.task_episodes = TaskEpisodeStore(config.data_root / FILE_NAME)
+        self.jobs = JobRunner(
+            self._end_arm_job,
+            lambda: self.session.engine.end_episode(),
+            first_id=self.task_episodes.last_job + 1,
+        )
         self._status_line = ""
 
     # -- the daemon -------------------------------------------------------------------------------
@@ -252,6 +260,7 @@ class AgentService:
                 restarts=self.supernode.restarts if self.supernode is not None else 0,
             ),
             job=self.jobs.view(),
+            tasks=self.task_episodes.version_counts(self.session.slot.version),
         )
 
     # -- control handlers ---------------------------------------------------------------------
@@ -262,6 +271,8 @@ class AgentService:
         server.on(ac.RunTask, self._run_task)
         server.on(ac.StopJob, lambda _: ac.JobStopped(stopped=self.jobs.stop_current()))
         server.on(ac.Rollback, self._rollback)
+        server.on(ac.Label, self._label)
+        server.on(ac.Labels, lambda c: self.task_episodes.view(c.job, c.limit))
         server.on(ac.ComputeBegin, self._compute_begin)
         server.on(ac.ComputeEnd, self._compute_end)
         return server
@@ -274,7 +285,7 @@ class AgentService:
                 self.arbiter.start_arm_job(state)
             except ValueError as error:
                 raise RefusedError(str(error)) from None
-        job = Job(kind, work)
+        job = self.jobs.new(kind, work)
         self.jobs.start(job)
         return ac.JobStarted(job=job.view())
 
@@ -305,13 +316,20 @@ class AgentService:
         return self._start_arm_job(AgentState.RECORDING, "record", record)
 
     def _run_task(self, command: ac.RunTask) -> ac.JobStarted:
-        from zk0.agent.inference.evaluation import evaluate
+        def work(job: Job) -> JobResult:
+            return run_task(
+                self.session, self.task_episodes, job, command.episodes, command.horizon_s
+            )
 
-        def run_task(job: Job) -> JobResult:
-            report = evaluate(self.session, command.episodes, command.horizon_s, stop=job.stop)
-            return report.task_result(adapter_version=self.session.slot.version)
+        return self._start_arm_job(AgentState.RUNNING_POLICY, "run_task", work)
 
-        return self._start_arm_job(AgentState.RUNNING_POLICY, "run_task", run_task)
+    def _label(self, command: ac.Label) -> ac.Labelled:
+        try:
+            episode = self.task_episodes.label(command.label, command.episode, command.relabel)
+        except LabelError as error:
+            raise RefusedError(str(error)) from None
+        logger.info("task episode {} labelled {}", episode.id, episode.label)
+        return ac.Labelled(episode=episode)
 
     def _rollback(self, _: ac.Rollback) -> ac.RolledBack:
         try:

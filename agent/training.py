@@ -21,6 +21,9 @@ from loguru import logger
 from zk0.shared.features import ACTION_KEY, STATE_KEY
 from zk0.shared.normalization import FeatureStats, Stats
 
+#: Decode videos with PyAV, as recording encodes them: deterministic on every machine, and it skips
+#: LeRobot's torchcodec probe (a long traceback per dataset where torchcodec cannot load).
+VIDEO_BACKEND = "pyav"
 #: Every fifth episode (4, 9, 14, ...) is held out for evaluation, and at least one.
 HOLDOUT_EVERY = 5
 
@@ -68,7 +71,11 @@ def open_dataset(root: Path, policy_config: Any, episodes: list[int] | None = No
     meta_fps = _dataset_fps(root)
     horizon = [step / meta_fps for step in range(policy_config.chunk_size)]
     return LeRobotDataset(
-        root.name, root=root, episodes=episodes, delta_timestamps={ACTION_KEY: horizon}
+        root.name,
+        root=root,
+        episodes=episodes,
+        delta_timestamps={ACTION_KEY: horizon},
+        video_backend=VIDEO_BACKEND,
     )
 
 

@@ -10,6 +10,8 @@ command            arguments                           reply
 ``run_task``       episodes, horizon_s                 :class:`JobStarted`
 ``stop_job``       -                                   :class:`JobStopped`
 ``rollback``       -                                   :class:`RolledBack`
+``label``          label, episode, relabel             :class:`Labelled`
+``labels``         job, limit                          :class:`LabelsView`
 ``compute_begin``  pid, round, phase                   :class:`ComputeGrant`
 ``compute_end``    pid, round, phase, outcome, reason  :class:`ComputeReleased`
 =================  ==================================  ======================================
@@ -18,6 +20,11 @@ command            arguments                           reply
 only while the arm is idle (``zk0.agent.arbiter``), and the process asks again each second
 until its ``train_wait_s`` runs out. ``compute_end`` tells how its part of the round ended:
 ``replied``, ``failed``, or ``skipped`` (it gave up waiting, holding nothing).
+
+Every ``run_task`` episode is a :class:`TaskEpisode` the daemon keeps (``zk0.agent.task_labels``).
+A real arm cannot tell whether the task succeeded; its operator can: ``label`` stores their
+verdict with the episode, and every success figure counts an episode's label, else the
+simulator's verdict, else nothing (:class:`zk0.shared.success.SuccessRate`).
 """
 
 from __future__ import annotations
@@ -28,11 +35,18 @@ from pydantic import Field
 
 from zk0.shared.agent_status import AgentReport, Phase, Reason
 from zk0.shared.control import Command
+from zk0.shared.success import Count, SuccessRate
 from zk0.shared.validation import Protocol, WireModel
 
-PROTOCOL = Protocol("agent control", "2.0")
+#: 2.1: ``label``, ``labels``; ``TaskResult.success``, ``AgentStatus.tasks``.
+PROTOCOL = Protocol("agent control", "2.1")
 Episodes = Annotated[int, Field(ge=1, le=100_000)]
 Version = Annotated[int, Field(ge=0, le=2**53)]
+#: Task episodes and jobs are numbered from 1, as an operator counts them.
+EpisodeId = Annotated[int, Field(ge=1, le=2**53)]
+JobId = Annotated[int, Field(ge=1, le=2**53)]
+Seconds = Annotated[float, Field(ge=0, le=2**40, allow_inf_nan=False)]
+LabelWord = Literal["success", "failure"]
 
 
 # -- replies ----------------------------------------------------------------------------------
@@ -46,17 +60,67 @@ class RecordResult(WireModel):
 
 
 class TaskResult(WireModel):
-    """Closed-loop episodes under the policy in use (``zk0.agent.inference.evaluation``)."""
+    """Closed-loop episodes under the policy in use (``zk0.agent.inference.evaluation``).
+
+    ``success`` counts each episode's operator label, else the simulator's verdict; an episode
+    with neither is not counted (a real arm before labelling: ``success.rate`` is None).
+    ``successes`` and ``success_rate`` repeat ``success`` for older readers.
+    """
 
     episodes: int
     successes: int
     success_rate: float | None
+    success: SuccessRate
     adapter_version: Version | None
     mean_episode_s: float
     chunk_latency_p50_s: float
     chunk_latency_p95_s: float
     starved_fraction: float
     missed_ticks: int
+
+
+class TaskEpisode(WireModel):
+    """One ``run_task`` episode as the daemon keeps it: one line of ``task_episodes.jsonl``.
+
+    ``auto`` is the simulator's verdict (None on a real arm); ``label`` the operator's.
+    """
+
+    id: EpisodeId
+    job: JobId
+    started_at: Seconds
+    ended_at: Seconds
+    adapter_version: Version | None
+    auto: bool | None
+    label: LabelWord | None = None
+    labelled_at: Seconds | None = None
+
+    @property
+    def outcome(self) -> bool | None:
+        """The operator's label, else the simulator's verdict, else None (not counted)."""
+        return self.label == "success" if self.label is not None else self.auto
+
+
+class TaskCounts(WireModel):
+    """Task episodes, how many carry a label, and the success of those whose outcome is known."""
+
+    episodes: Count
+    labelled: Count
+    success: SuccessRate
+
+    def describe(self) -> str:
+        """``12 task episodes, 9 labelled: 6/9 = 67% [35, 88] %``; never 0 % for nothing."""
+        if self.episodes == 0:
+            return "no task episodes"
+        head = f"{self.episodes} task episode{'s' if self.episodes != 1 else ''}"
+        if self.success.episodes == 0:
+            return f"{head}, no labelled episodes"
+        line = f"{head}, {self.labelled} labelled: {self.success.describe()}"
+        judged = self.success.episodes - self.labelled
+        return line + (f" ({judged} judged by the simulator)" if judged > 0 else "")
+
+
+class VersionCounts(TaskCounts):
+    adapter_version: Version | None
 
 
 class JobView(WireModel):
@@ -94,6 +158,8 @@ class AgentStatus(WireModel):
     training: Training | None
     supernode: SuperNodeView
     job: JobView | None
+    #: Task episodes under the adapter in use, and their success.
+    tasks: VersionCounts
 
 
 class JobStarted(WireModel):
@@ -106,6 +172,19 @@ class JobStopped(WireModel):
 
 class RolledBack(WireModel):
     in_use: Version | None
+
+
+class Labelled(WireModel):
+    episode: TaskEpisode
+
+
+class LabelsView(WireModel):
+    """Every task episode counted, per adapter version (the newest versions), and episodes."""
+
+    total: TaskCounts
+    by_version: list[VersionCounts]
+    #: The newest ``limit`` episodes (of the job asked for), oldest first.
+    episodes: list[TaskEpisode]
 
 
 class ComputeGrant(WireModel):
@@ -151,6 +230,27 @@ class StopJob(AgentCommand[JobStopped]):
 
 class Rollback(AgentCommand[RolledBack]):
     cmd: ClassVar[str] = "rollback"
+
+
+class Label(AgentCommand[Labelled]):
+    """Store the operator's verdict on a task episode."""
+
+    cmd: ClassVar[str] = "label"
+    label: LabelWord = Field(description="success or failure.")
+    episode: EpisodeId | None = Field(
+        default=None, description="The task episode (default: the newest unlabelled one)."
+    )
+    relabel: bool = Field(default=False, description="Replace a label given before.")
+
+
+class Labels(AgentCommand[LabelsView]):
+    """Task episodes, their labels and success counts."""
+
+    cmd: ClassVar[str] = "labels"
+    job: JobId | None = Field(default=None, description="Only this job's episodes.")
+    limit: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=20, description="Episodes to list (the newest)."
+    )
 
 
 class ComputeBegin(AgentCommand[ComputeGrant]):

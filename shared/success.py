@@ -78,7 +78,7 @@ class SuccessRate(WireModel):
         return self
 
     def describe(self) -> str:
-        """``7/10 = 70 % [40, 89] %``, or ``no episodes``."""
+        """``7/10 = 70% [40, 89] %``, or ``no episodes``."""
         if self.rate is None:
             return "no episodes"
         return (

@@ -7,11 +7,13 @@ simulated SO-101; the policy is the tiny SmolVLA the rig's adapters were made fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +37,51 @@ def _short_sim(folder: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def daemon(rig: Any, short_dir: Path, systemd: FakeSystemd) -> Any:
+class Daemon:
+    """A running ``zk0-agent run`` and its CLI."""
+
+    def __init__(
+        self, process: subprocess.Popen[bytes], config: Any, path: Path, rig: Any, server: Any
+    ) -> None:
+        self.process, self.config, self.config_path = process, config, path
+        self.rig, self.server, self.socket = rig, server, config.control_socket
+
+    def status(self) -> ac.AgentStatus:
+        return request(self.socket, ac.Status())
+
+    def run(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        """``zk0-agent ARGS --config ...`` with ``stdin`` as its input, however it ends."""
+        return subprocess.run(
+            [str(BIN / "zk0-agent"), *args, "--config", str(self.config_path)],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    def cli(self, *args: str) -> str:
+        result = self.run(*args)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def job_done(self) -> ac.JobView:
+        wait_until(lambda: getattr(self.status().job, "state", "") != "running", 120, "job")
+        job = self.status().job
+        assert job is not None and job.state == "done", job
+        return job
+
+
+@contextlib.contextmanager
+def running_daemon(
+    rig: Any, short_dir: Path, systemd: FakeSystemd, robot_config: Path
+) -> Iterator[Daemon]:
+    """``zk0-agent run`` on ``robot_config`` with the tiny policy, next to the rig's hub."""
     server = rig.start_hub()
     config = rig.agent_config("arm-01", server).model_copy(
         update={
             "policy": "tiny",
-            "robot_config": _short_sim(rig.root),
+            "robot_config": robot_config,
             "control_socket": short_dir / "agent.sock",
         }
     )
@@ -60,36 +100,18 @@ def daemon(rig: Any, short_dir: Path, systemd: FakeSystemd) -> Any:
         stdout=subprocess.DEVNULL,
         stderr=(rig.root / "daemon.stderr").open("wb"),
     )
+    try:
+        yield Daemon(process, config, path, rig, server)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(30)
 
-    class Daemon:
-        def __init__(self) -> None:
-            self.process, self.config, self.config_path = process, config, path
-            self.rig, self.server, self.socket = rig, server, config.control_socket
 
-        def status(self) -> ac.AgentStatus:
-            return request(self.socket, ac.Status())
-
-        def cli(self, *args: str) -> str:
-            result = subprocess.run(
-                [str(BIN / "zk0-agent"), *args, "--config", str(path)],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-            assert result.returncode == 0, result.stderr
-            return result.stdout
-
-        def job_done(self) -> ac.JobView:
-            wait_until(lambda: getattr(self.status().job, "state", "") != "running", 120, "job")
-            job = self.status().job
-            assert job is not None and job.state == "done", job
-            return job
-
-    yield Daemon()
-    if process.poll() is None:
-        process.kill()
-    process.wait(30)
+@pytest.fixture
+def daemon(rig: Any, short_dir: Path, systemd: FakeSystemd) -> Iterator[Daemon]:
+    with running_daemon(rig, short_dir, systemd, _short_sim(rig.root)) as started:
+        yield started
 
 
 def test_ready_means_serving_and_the_watchdog_follows_the_loop(

@@ -5,6 +5,7 @@ versions, over a real ZeroMQ ``ipc://`` socket."""
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -97,12 +98,13 @@ def _malformed(command: type[Command[Any]]) -> Iterator[tuple[str, dict[str, Any
         "outcome": "replied",
         "episodes": 2,
         "rounds": 2,
+        "label": "success",
     }
     for name, field in command.model_fields.items():
         others = {k: v for k, v in valid.items() if k in command.model_fields and k != name}
         yield name, {**others, name: [1]}  # no field of any command is a list
         yield name, {**others, name: {"nested": True}}
-        if field.annotation is not str and "phase" not in name and "outcome" not in name:
+        if field.annotation not in (str, bool) and "phase" not in name and "outcome" not in name:
             yield name, {**others, name: True}  # never a boolean for a number
         for bound in field.metadata:
             for attr, nudge in (("ge", -1), ("gt", 0), ("le", 1), ("lt", 0)):
@@ -120,6 +122,14 @@ OPTIONAL_BOUNDS = [
     ("run_task", {"horizon_s": 0}, "horizon_s"),
     ("run_task", {"horizon_s": 1e9}, "horizon_s"),
     ("run_task", {"horizon_s": "1.5"}, "horizon_s"),
+    ("label", {"label": "maybe"}, "label"),
+    ("label", {"label": "success", "episode": 0}, "episode"),
+    ("label", {"label": "success", "episode": 2**53 + 1}, "episode"),
+    ("label", {"label": "success", "episode": "3"}, "episode"),
+    ("label", {"label": "success", "relabel": 1}, "relabel"),
+    ("label", {"label": "success", "relabel": "yes"}, "relabel"),
+    ("labels", {"job": 0}, "job"),
+    ("labels", {"job": 2**53 + 1}, "job"),
 ]
 
 
@@ -133,7 +143,8 @@ def test_every_command_is_a_model_with_a_reply_model_of_its_protocol() -> None:
             assert command.protocol == module.PROTOCOL
             assert issubclass(command.reply_model(), WireModel)
     assert {c.cmd for c in commands(agent_control)} == {
-        "status", "record", "run_task", "stop_job", "rollback", "compute_begin", "compute_end",
+        "status", "record", "run_task", "stop_job", "rollback", "label", "labels",
+        "compute_begin", "compute_end",
     }  # fmt: skip
     assert {c.cmd for c in commands(hub_control)} == {"status", "start_run", "register_keys"}
 
@@ -221,7 +232,8 @@ def test_the_client_refuses_a_reply_of_another_major_or_shape(tmp_path: Path) ->
         thread = threading.Thread(target=answer, daemon=True)
         thread.start()
         try:
-            with pytest.raises(ControlError, match=r"speaks 9\.0, this side speaks 2\.0"):
+            ours = re.escape(agent_control.PROTOCOL.version)
+            with pytest.raises(ControlError, match=rf"speaks 9\.0, this side speaks {ours}"):
                 request(path, agent_control.StopJob(), timeout_s=5)
             with pytest.raises(ControlError, match=r"malformed reply: stop_job\.stopped: "):
                 request(path, agent_control.StopJob(), timeout_s=5)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +25,13 @@ from zk0.agent.inference.engine_config import EngineConfig
 from zk0.agent.inference.frames import FrameLayout
 from zk0.agent.inference.metrics import EpisodeResult, Mode
 from zk0.agent.inference.realtime import RealTimeArm, realtime_config
+from zk0.agent.inference.simulated import evaluation_scenes
 from zk0.agent.inference.swap import AdapterSlot, DatasetStats
 from zk0.shared.agent_control import TaskResult
 from zk0.shared.config import RobotConfig
 from zk0.shared.features import PolicyFeatures
 from zk0.shared.normalization import Stats
+from zk0.shared.success import SuccessRate
 
 #: The committed base has no statistics file: it was pretrained with its episodes' statistics.
 BASE_WITH_TASK_STATS = "tiny-sim-base"
@@ -155,14 +157,15 @@ class EvalReport:
         latencies = [c.latency_s for e in episodes for c in e.chunks]
         after_first = sum(e.ticks_after_first_chunk for e in episodes)
         starved = sum(e.starved_ticks for e in episodes)
-        successes = [e.success for e in episodes if e.success is not None]
+        success = SuccessRate.of_outcomes(e.success for e in episodes)
         backends: dict[str, int] = {}
         for chunk in (c for e in episodes for c in e.chunks):
             backends[chunk.backend] = backends.get(chunk.backend, 0) + 1
         return {
             **self.info,
             "episodes": len(episodes),
-            "success_rate": (sum(successes) / len(successes)) if successes else None,
+            "success_rate": success.rate,
+            "success": success.model_dump(),
             "mean_episode_s": float(np.mean([e.duration_s for e in episodes])),
             "chunk_latency_p50_s": _percentile(latencies, 50),
             "chunk_latency_p95_s": _percentile(latencies, 95),
@@ -178,14 +181,25 @@ class EvalReport:
             ],
         }
 
-    def task_result(self, adapter_version: int | None) -> TaskResult:
-        """What the agent daemon reports of a ``run_task`` job (``zk0.shared.agent_control``)."""
+    def task_result(
+        self, adapter_version: int | None, labels: Sequence[bool | None] = ()
+    ) -> TaskResult:
+        """What the agent daemon reports of a ``run_task`` job (``zk0.shared.agent_control``).
+
+        ``labels[i]`` is the operator's verdict on episode ``i`` (None: not labelled); an
+        episode counts its label, else the simulator's verdict, else not at all.
+        """
         s = self.summary()
-        successes = [e.success for e in self.episodes if e.success is not None]
+        given = list(labels) + [None] * (len(self.episodes) - len(labels))
+        success = SuccessRate.of_outcomes(
+            label if label is not None else e.success
+            for e, label in zip(self.episodes, given, strict=True)
+        )
         return TaskResult(
             episodes=s["episodes"],
-            successes=sum(successes),
-            success_rate=s["success_rate"],
+            successes=success.successes,
+            success_rate=success.rate,
+            success=success,
             adapter_version=adapter_version,
             mean_episode_s=s["mean_episode_s"],
             chunk_latency_p50_s=s["chunk_latency_p50_s"],
@@ -196,7 +210,8 @@ class EvalReport:
 
     def describe(self) -> str:
         s = self.summary()
-        rate = "n/a" if s["success_rate"] is None else f"{s['success_rate']:.0%}"
+        success = SuccessRate.model_validate(s["success"])
+        rate = "unknown" if success.rate is None else success.describe()
         return (
             f"{s['episodes']} episodes {self.info.get('mode', '')} on "
             f"{'/'.join(s['chunks_by_backend']) or '-'}: success {rate}, "
@@ -218,13 +233,14 @@ def evaluate(
     mode: Mode | None = None,
     stop: threading.Event | None = None,
 ) -> EvalReport:
-    """``episodes`` closed-loop episodes (episode ``i`` is the arm's task variant ``i``); a
-    set ``stop`` ends the series after the episode in progress."""
+    """``episodes`` closed-loop episodes on the simulated arm's evaluation scenes (never a
+    recorded episode's set-up; a real arm ignores the index); a set ``stop`` ends the series
+    after the episode in progress."""
     config = session.robot_config
     mode = mode or session.engine.config.mode
     horizon_steps = round((horizon_s or config.episode_time_s) * config.fps)
     results = []
-    for index in range(episodes):
+    for index in evaluation_scenes(episodes):
         if stop is not None and stop.is_set():
             break
         result = session.engine.run_episode(index, horizon_steps, mode=mode)
