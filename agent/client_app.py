@@ -3,6 +3,10 @@
 Every reply carries the agent id (``meta`` record) so the hub keys its history by arm, not by
 Flower's node id. Only adapter tensors leave the machine, plus counts and metrics; before the
 first round, the per-feature statistics the hub combines into the shared normalization.
+
+Evaluation scores the round's adapter on held-out frames (action MSE) and, when the hub asks for
+episodes and this node's arm is the simulated one, closed-loop success in simulated time on
+scenes no recording used. A real arm never moves for a round: nothing here drives one.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from loguru import logger
 
+from zk0.agent.inference.simulated import evaluate_policy, evaluation_scenes
+from zk0.agent.personal_round import attach_to_round
 from zk0.agent.training import (
     TrainConfig,
     dataset_stats,
@@ -31,7 +37,7 @@ from zk0.agent.training import (
 )
 from zk0.shared.agent_control import ComputeBegin, ComputeEnd
 from zk0.shared.agent_status import Phase
-from zk0.shared.config import load_robot_config
+from zk0.shared.config import ConfigError, RobotConfig, load_robot_config
 from zk0.shared.control import ControlError, request
 from zk0.shared.features import PolicyFeatures
 from zk0.shared.federation import (
@@ -44,6 +50,9 @@ from zk0.shared.federation import (
     METRICS_KEY,
     NORMALIZATION,
     STATS_KEY,
+    SUCCESS_COUNT,
+    SUCCESS_EPISODES,
+    SUCCESS_EPISODES_ASKED,
     TRAIN_SECONDS,
     NodeSettings,
     RunSettings,
@@ -81,8 +90,8 @@ def _reply(message: Message, node: NodeSettings, **records: Any) -> Message:
     return Message(content=content, reply_to=message)
 
 
-def _model(run: RunSettings, message: Message) -> tuple[Any, Any]:
-    """Base copy + the global adapter from ``message``; preprocessor on the shared stats."""
+def _model(run: RunSettings, message: Message) -> tuple[Any, Any, Any]:
+    """Base copy + the global adapter from ``message``; processors on the shared stats."""
     base = _base(run.policy, str(run.robot_config_path))
     peft_model = apply_lora(copy.deepcopy(base.policy), run.lora, base.base.name_or_path)
     state = message.content.array_records[ARRAYS_KEY].to_torch_state_dict()
@@ -90,8 +99,10 @@ def _model(run: RunSettings, message: Message) -> tuple[Any, Any]:
         peft_model, {name: tensor.to(base.policy.config.device) for name, tensor in state.items()}
     )
     stats = loads(bytes(message.content[CONFIG_KEY][NORMALIZATION]))  # type: ignore[arg-type]
-    preprocessor, _ = make_processors(peft_model.base_model.model.config, to_lerobot(stats))
-    return peft_model, preprocessor
+    preprocessor, postprocessor = make_processors(
+        peft_model.base_model.model.config, to_lerobot(stats)
+    )
+    return peft_model, preprocessor, postprocessor
 
 
 @contextlib.contextmanager
@@ -155,7 +166,8 @@ def train(message: Message, context: Context) -> Message:
 
 
 def _train(message: Message, run: RunSettings, node: NodeSettings, server_round: int) -> Message:
-    peft_model, preprocessor = _model(run, message)
+    peft_model, preprocessor, _ = _model(run, message)
+    personal = attach_to_round(peft_model, run, node, message)  # the arm's local part, if any
     train_episodes, _ = _episodes(node)
     dataset = open_dataset(node.data_root, peft_model.base_model.model.config, train_episodes)
     result = train_policy(
@@ -167,7 +179,7 @@ def _train(message: Message, run: RunSettings, node: NodeSettings, server_round:
             batch_size=run.batch_size,
             lr=run.lr,
             seed=run.seed * 100_003 + server_round,
-            freeze_lora_a=run.aggregation == "ffa",
+            freeze_lora_a=run.aggregation == "ffa" and personal is None,  # else attach froze it
         ),
     )
     arrays = ArrayRecord(adapter_state(peft_model))
@@ -181,6 +193,8 @@ def _train(message: Message, run: RunSettings, node: NodeSettings, server_round:
         }
     )
     logger.info("{}: round {} trained, loss {:.4f}", node.agent_id, server_round, result.loss)
+    if personal is not None:  # the reply holds the shared adapter alone; the local part stays
+        personal.commit(peft_model, server_round, message.metadata.run_id)
     return _reply(message, node, **{ARRAYS_KEY: arrays, METRICS_KEY: metrics})
 
 
@@ -194,14 +208,58 @@ def evaluate(message: Message, context: Context) -> Message:
 
 def _evaluate(message: Message, run: RunSettings, node: NodeSettings) -> Message:
     start = time.perf_counter()
-    peft_model, preprocessor = _model(run, message)
+    peft_model, preprocessor, postprocessor = _model(run, message)
+    attach_to_round(peft_model, run, node, message)  # evaluate what the arm runs: shared + local
     _, held_out = _episodes(node)
     dataset = open_dataset(node.data_root, peft_model.base_model.model.config, held_out)
     mse, frames = evaluate_mse(
         peft_model, preprocessor, dataset, max_frames=run.eval_frames, seed=run.seed
     )
     logger.info("{}: eval MSE {:.5f} on {} held-out frames", node.agent_id, mse, frames)
-    metrics = MetricRecord(
-        {EXAMPLES: frames, EVAL_MSE: mse, "eval-seconds": time.perf_counter() - start}
-    )
+    metrics = MetricRecord({EXAMPLES: frames, EVAL_MSE: mse})
+    asked = int(message.content[CONFIG_KEY].get(SUCCESS_EPISODES_ASKED, 0))  # type: ignore[arg-type]
+    robot = _simulated_arm(run, node) if asked > 0 else None
+    if robot is not None:
+        # The same scenes every round (paired), never a recorded one; noise from the run's seed.
+        scenes = evaluation_scenes(asked)
+        try:
+            report = evaluate_policy(
+                robot, peft_model, preprocessor, postprocessor, scenes, seed=run.seed
+            )
+        except Exception as error:  # the simulator failing must not cost the round its MSE
+            logger.warning("{}: closed-loop evaluation failed: {!r}", node.agent_id, error)
+        else:
+            metrics[SUCCESS_COUNT] = report.success.successes
+            metrics[SUCCESS_EPISODES] = report.success.episodes
+            logger.info("{}: closed-loop success {}", node.agent_id, report.success.describe())
+    metrics["eval-seconds"] = time.perf_counter() - start
     return _reply(message, node, **{METRICS_KEY: metrics})
+
+
+#: (agent, reason) already logged: each reason once per process, not once per round.
+_told: set[tuple[str, str]] = set()
+
+
+def _simulated_arm(run: RunSettings, node: NodeSettings) -> RobotConfig | None:
+    """The node's robot config if closed-loop episodes may run on it; else None (logged)."""
+    robot, why = None, ""
+    if not node.robot_config:
+        why = "the node has no robot config"
+    else:
+        try:
+            robot = load_robot_config(node.robot_config)
+        except ConfigError as error:
+            why = f"its robot config does not load ({error})"
+    features = PolicyFeatures.from_robot_config
+    if robot is not None and robot.robot.type != "sim_so101":
+        # A round runs unattended: a real arm moving by itself could hurt someone.
+        why = f"its arm is a {robot.robot.type}, not the simulated one: a round never moves it"
+    elif robot is not None and features(robot) != features(load_robot_config(run.robot_config)):
+        # The policy was built for the run's cameras and joints: another layout cannot drive it.
+        why = f"its robot config ({node.robot_config}) does not fit the run's policy features"
+    if not why:
+        return robot
+    if (node.agent_id, why) not in _told:
+        _told.add((node.agent_id, why))
+        logger.info("{}: no closed-loop evaluation: {}", node.agent_id, why)
+    return None

@@ -148,8 +148,10 @@ def register(app: typer.Typer) -> None:
         report, job, last = answer.report, answer.job, answer.report.last_round
         typer.echo(f"agent         {answer.agent_id} (pid {answer.pid})")
         typer.echo(f"state         {report.state}")
+        local = report.personal_revision  # personalized mode: what runs is (fleet, local)
+        both = f" (fleet {_version(answer.in_use)}, local r{local})" if local is not None else ""
         typer.echo(
-            f"adapter       in use {_version(answer.in_use)}, applied {answer.applied}, "
+            f"adapter       in use {_version(answer.in_use)}{both}, applied {answer.applied}, "
             f"sync {answer.sync}"
         )
         typer.echo(
@@ -273,6 +275,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("rollback")
     def rollback(config: ConfigOption) -> None:
-        """Run the adapter version that ran before the current one again (this arm only)."""
-        in_use = _ask(config, ac.Rollback()).in_use
-        typer.echo(f"now running {'v' + str(in_use) if in_use is not None else 'the base policy'}")
+        """Run the adapter version that ran before the current one again (this arm only), and
+        the local revision before the current one (personalized mode)."""
+        answer = _ask(config, ac.Rollback())
+        in_use = answer.in_use
+        fallback = f"now running {'v' + str(in_use) if in_use is not None else 'the base policy'}"
+        typer.echo(answer.summary or fallback)  # a daemon older than 2.2 sends no summary

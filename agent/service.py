@@ -3,7 +3,8 @@
 It owns the arm's connection and composes everything else around it:
 
 * the **inference session** (base policy, the newest verified adapter, the asynchronous
-  engine), kept warm for the daemon's life; new versions are hot-swapped into it;
+  engine), kept warm for the daemon's life; new versions are hot-swapped into it, and so are
+  new revisions of the arm's local part in the personalized mode (``zk0.agent.personal_follow``);
 * the **adapter subscriber** (ZeroMQ, CURVE), which fetches every version the hub publishes
   and reports this agent's state, versions and new episodes to the hub;
 * a supervised **Flower SuperNode** child (``flower-supernode``), restarted with back-off
@@ -39,10 +40,11 @@ from loguru import logger
 from zk0.agent.arbiter import AgentState, Arbiter
 from zk0.agent.jobs import Job, JobKind, JobResult, JobRunner
 from zk0.agent.ledger import DatasetSize, Ledger, dataset_size
+from zk0.agent.personal_follow import PERSONAL_DIR, PersonalFollower
 from zk0.agent.task_labels import FILE_NAME, LabelError, TaskEpisodeStore, run_task
 from zk0.shared import agent_control as ac
 from zk0.shared.agent_status import AgentReport, Outcome, Phase, RoundOutcome
-from zk0.shared.config import AgentCompute, AgentConfig, AgentKeys
+from zk0.shared.config import AgentCompute, AgentConfig, AgentKeys, robot_config_path
 from zk0.shared.control import ControlServer, RefusedError
 from zk0.shared.federation import NodeSettings
 from zk0.shared.logs import OUTPUTS_ENV, new_run_dir, setup_logging
@@ -145,6 +147,8 @@ class AgentService:
                 robot=robot,
             )
         )
+        self.personal = PersonalFollower(self.config.data_root / PERSONAL_DIR, self.session.slot)
+        self.personal.start()
 
     def _start_subscriber(self, stack: contextlib.ExitStack) -> Any:
         from zk0.agent.distribution.subscriber import AdapterSubscriber
@@ -174,6 +178,9 @@ class AgentService:
             agent_id=config.agent_id,
             data_root=self.dataset_root,
             control_socket=str(config.control_socket_path.absolute()),
+            personal_dir=str(self.personal.store.root.absolute()),
+            # Its own arm: a simulated one is also evaluated closed loop in federated rounds.
+            robot_config=str(robot_config_path(config.robot_config).absolute()),
             **{name: getattr(config, name) for name in AgentCompute.model_fields},
         )
 
@@ -214,6 +221,7 @@ class AgentService:
             self._round_ended(dead.server_round, dead.phase, "dropped", why)
         if self.supernode is not None:
             self.supernode.check()
+        self.personal.check()  # a round's new local revision: hot-swapped like a fleet version
         report = self._report(dataset_size(self.dataset_root))  # one read of info.json per turn
         self.subscriber.set_report(report)
         line = self._describe(report)
@@ -232,11 +240,11 @@ class AgentService:
             recorded_s=size.recorded_s,
             job=running.kind if running is not None else None,
             last_round=self.ledger.last_round,
+            personal_revision=self.session.slot.personal_revision,
         )
 
     def _describe(self, report: AgentReport) -> str:
-        version = self.session.slot.version
-        adapter = "base" if version is None else f"v{version}"
+        adapter = self.session.slot.active.label  # v3, or v3+r2 with a local part
         return (
             f"{report.state}, adapter {adapter}, {report.episodes_total} episodes "
             f"({report.episodes_new} new)"
@@ -332,11 +340,7 @@ class AgentService:
         return ac.Labelled(episode=episode)
 
     def _rollback(self, _: ac.Rollback) -> ac.RolledBack:
-        try:
-            runtime = self.session.engine.rollback()
-        except ValueError as error:
-            raise RefusedError(str(error)) from None
-        return ac.RolledBack(in_use=runtime.version)
+        return self.personal.rollback()  # the fleet version and the local revision
 
     def _compute_begin(self, command: ac.ComputeBegin) -> ac.ComputeGrant:
         with self.lock:

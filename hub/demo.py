@@ -12,7 +12,11 @@ Everything runs as it would on real machines, through the same commands and daem
    socket). The hub starts a federated run by itself once every agent reports enough new
    episodes; each round's version is pushed to every agent over ZeroMQ and hot-swapped into
    its running policy.
-4. Each agent runs closed-loop asynchronous evaluation with the version in use (``run_task``).
+4. Every round's federated evaluation measures each agent's held-out MSE and, on its simulated
+   arm in simulated time, its closed-loop success on scenes it never recorded (the same scenes
+   for every version): ``eval-episodes`` before the first round and after the last,
+   ``mid-eval-episodes`` in between. The table shows success before and after with its 95 %
+   Wilson interval; the run's chart shows MSE and success by round.
 
 ``--chaos-kill-round N`` SIGKILLs the first agent while it trains in round N: the round
 completes with the others, the demo restarts the agent, and it catches up with the newest
@@ -21,9 +25,11 @@ version.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 from loguru import logger
@@ -33,7 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from zk0.hub.demo_fleet import Demo, DemoOptions
-from zk0.hub.history import HISTORY_FILE
+from zk0.hub.history import CHART_FILE, HISTORY_FILE, EvalHistory
 from zk0.shared import agent_control as ac
 from zk0.shared import hub_control as hc
 from zk0.shared.logs import RUN_DIR_ENV, new_run_dir, setup_logging
@@ -68,6 +74,7 @@ def _progress(console: Console) -> Progress:
 
 
 def run_demo(options: DemoOptions) -> Path:
+    started = time.monotonic()
     run_dir = new_run_dir(options.outputs).resolve()
     setup_logging(run_dir, "demo", console=False)
     console = Console()
@@ -87,6 +94,7 @@ def run_demo(options: DemoOptions) -> Path:
             demo.stop()
     (run_dir / RESULTS_FILE).write_text(results.model_dump_json(indent=1) + "\n")
     _print_table(console, run_dir, results)
+    console.print(f"demo wall time {time.monotonic() - started:.0f} s")
     return run_dir
 
 
@@ -172,28 +180,6 @@ def _run(demo: Demo, console: Console) -> DemoResults:
             return count == len(demo.agents)
 
         demo.wait(converged, f"every agent on v{newest}", 300)
-
-        evaluating = bars.add_task(
-            "closed-loop async evaluation", total=len(demo.agents) * options.eval_episodes, note=""
-        )
-        jobs = {a.name: a.ask(ac.RunTask(episodes=options.eval_episodes)).job for a in demo.agents}
-
-        def evaluated() -> bool:
-            done, episodes = True, 0
-            for agent in demo.agents:
-                status = agent.answer(ac.Status())
-                job = status.job if status else None
-                if job is None or job.id != jobs[agent.name].id or job.state == "running":
-                    done = False
-                    episodes += len(job.progress) if job else 0
-                elif job.state == "failed":
-                    raise RuntimeError(f"{agent.name}: evaluation failed: {job.error}")
-                else:
-                    episodes += options.eval_episodes
-            bars.update(evaluating, completed=episodes)
-            return done
-
-        demo.wait(evaluated, "the evaluations", options.timeout_s)
     agents = {
         agent.name: AgentResult(status=agent.ask(ac.Status()), restarts=agent.supervised.restarts)
         for agent in demo.agents
@@ -202,37 +188,45 @@ def _run(demo: Demo, console: Console) -> DemoResults:
 
 
 def _print_table(console: Console, run_dir: Path, results: DemoResults) -> None:
-    import json
-
     assert results.hub.last_run is not None
     federated_run = Path(results.hub.last_run.run_dir)
-    history = json.loads((federated_run / HISTORY_FILE).read_text())
+    history = EvalHistory.from_dict(json.loads((federated_run / HISTORY_FILE).read_text()))
     table = Table(
         title=f"zk0 demo: {len(results.agents)} simulated SO-101 agents, "
         f"newest version {results.newest}"
     )
-    columns = ("agent", "episodes", "eval MSE round 0 -> last", "success", "adapter", "MB in")
-    for column in (*columns, "restarts"):
+    columns = ("agent", "episodes", "eval MSE round 0 -> last", "success round 0", "success last")
+    for column in (*columns, "adapter", "MB in", "restarts"):
         table.add_column(column, justify="left" if column == "agent" else "right")
+    before, after = [], []
     for agent_id, agent in results.agents.items():
         status = agent.status
-        series = [v for v in history["clients"].get(agent_id, []) if v is not None]
-        evaluation = status.job.result if status.job else None
-        rate = evaluation.success_rate if isinstance(evaluation, ac.TaskResult) else None
+        series = [v for v in history.clients.get(agent_id, []) if v is not None]
+        measured = [s for s in history.success.get(agent_id, []) if s is not None]
+        first, last = (measured[0], measured[-1]) if len(measured) > 1 else (None, None)
+        if first is not None and last is not None and first.rate is not None:
+            before.append(first.rate)
+            after.append(last.rate or 0.0)
         table.add_row(
             agent_id,
             str(status.report.episodes_total),
             f"{series[0]:.4f} -> {series[-1]:.4f}" if series else "-",
-            "-" if rate is None else f"{rate:.0%}",
+            first.describe() if first is not None else "-",
+            last.describe() if last is not None else "-",
             f"v{status.in_use}",
             f"{status.bytes_received / 1e6:.2f}",
             str(agent.restarts),
         )
     console.print(table)
+    if before:
+        console.print(
+            f"mean success over agents: {sum(before) / len(before):.0%} before the first round "
+            f"-> {sum(after) / len(after):.0%} after the last"
+        )
     for label, path in (
         ("run folder", run_dir),
         ("history", federated_run / HISTORY_FILE),
-        ("chart", federated_run / "eval_mse_chart.png"),
+        ("chart", federated_run / CHART_FILE),
     ):
         console.print(f"{label:<11} {path}", soft_wrap=True)  # paths stay whole, to copy
     logger.info("demo finished: {}", run_dir)

@@ -48,7 +48,18 @@ class DemoOptions(BaseModel):
     )
     local_steps: int = 20
     lr: float = 1e-3
-    eval_episodes: int = 2
+    eval_episodes: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=1000,
+            description="Closed-loop episodes per agent (simulated time, never-recorded scenes, "
+            "the same for every version) before the first round and after the last.",
+        ),
+    ] = 10
+    mid_eval_episodes: Annotated[
+        int, Field(ge=0, le=1000, description="Closed-loop episodes per agent in between.")
+    ] = 2
     outputs: Annotated[Path, Field(description="Root of the run folders.")] = Path("outputs")
     chaos_kill_round: Annotated[
         int | None,
@@ -125,6 +136,8 @@ class Demo:
                     "round-timeout-s": 900.0,
                     "local-steps": self.options.local_steps,
                     "lr": self.options.lr,
+                    "success-episodes": self.options.eval_episodes,
+                    "mid-success-episodes": self.options.mid_eval_episodes,
                 },
             ),
         )

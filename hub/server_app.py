@@ -8,7 +8,8 @@
    LoRAFedAvg, each ending in a new stored version with its metrics. With a ``server-optimizer``
    its state is saved in the run folder after each version and picked up again by a restarted
    hub of the same run (``zk0.hub.server_optimizer``).
-4. ``eval_mse_history.json``, ``eval_mse_chart.png`` and a summary table in the run folder.
+4. ``eval_mse_history.json``, ``eval_mse_chart.png`` and a summary table in the run folder:
+   MSE and, where simulated agents ran closed-loop episodes (``success-episodes``), success.
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ from zk0.hub.strategy import LoRAFedAvg, agent_of, to_numpy, to_record
 from zk0.shared.artifact import TENSORS_FILE, ArtifactError, save_adapter, save_adapter_arrays
 from zk0.shared.config import load_robot_config
 from zk0.shared.features import PolicyFeatures
-from zk0.shared.federation import CONFIG_KEY, EVAL_MSE, NORMALIZATION, STATS_KEY, RunSettings
+from zk0.shared.federation import (
+    CONFIG_KEY,
+    EVAL_MSE,
+    FLEET_VERSION,
+    NORMALIZATION,
+    STATS_KEY,
+    RunSettings,
+)
 from zk0.shared.logs import new_run_dir, setup_logging
 from zk0.shared.lora import adapter_state, apply_lora
 from zk0.shared.normalization import NORMALIZATION_FILE, Stats, combine_all, dumps, loads
@@ -196,13 +204,16 @@ def main(grid: Grid, context: Context) -> None:
         aggregation=settings.aggregation,
         optimizer=settings,
         optimizer_state=optimizer_state,
+        success_episodes=settings.success_episodes_at,
         fraction_train=settings.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=settings.min_nodes,
         min_evaluate_nodes=settings.min_nodes,
         min_available_nodes=settings.min_nodes,
     )
-    config = ConfigRecord({NORMALIZATION: dumps(stats)})
+    # FLEET_VERSION: the version a round trains from, which a personalized arm records with its
+    # local revision (updated as each round publishes).
+    config = ConfigRecord({NORMALIZATION: dumps(stats), FLEET_VERSION: version})
     history = EvalHistory(settings.aggregation)
     state = {"version": version}
 
@@ -214,7 +225,13 @@ def main(grid: Grid, context: Context) -> None:
             )
             strategy.aggregate_evaluate(0, replies)
         report = strategy.report(server_round)
-        history.add_round(server_round, report.eval_mse, report.eval_examples)
+        history.add_round(
+            server_round,
+            report.eval_mse,
+            report.eval_examples,
+            success=report.success,
+            success_asked=report.success_asked,
+        )
         average = history.average[-1]
         if server_round > 0 and report.trained:
             metrics: dict[str, Any] = {
@@ -226,6 +243,9 @@ def main(grid: Grid, context: Context) -> None:
                 "train_wall_s": report.train_wall_s,
                 "slowest_client_train_s": report.slowest_train_s,
             }
+            if (success := history.success_average[-1]) is not None:
+                metrics["eval_success_rate"] = success.rate
+                metrics["eval_success_episodes"] = success.episodes
             state["version"] = publisher.publish(
                 to_numpy(round_arrays),
                 stats,
@@ -233,6 +253,7 @@ def main(grid: Grid, context: Context) -> None:
                 round_=first_round + server_round,
                 metrics=metrics,
             )
+            config[FLEET_VERSION] = state["version"]
             if strategy.optimizer_state is not None:  # after the version it continues from
                 try:
                     save_state(

@@ -7,14 +7,20 @@ reply is dropped with a log line naming the agent, while the rest are aggregated
 functions of ``zk0.hub.aggregation``, then, if the run asks for one, a server optimizer
 (FedAvgM, FedAdam: ``zk0.hub.server_optimizer``) steps from the round's starting adapter towards
 that aggregate. The strategy also keeps what the hub reports per round: bytes sent and received,
-dropped agents, and each agent's evaluation MSE keyed by agent id.
+dropped agents, and each agent's evaluation MSE and closed-loop success keyed by agent id.
+
+Each evaluate message asks for that round's closed-loop episodes (``success_episodes``, a
+function of the round). A reply's success counts are bounded on their own: ints with
+0 <= successes <= episodes <= asked, or the success part is ignored with a warning naming the
+agent while its MSE still counts (a buggy or hostile arm must not claim 12/10).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -39,8 +45,12 @@ from zk0.shared.federation import (
     EVAL_MSE,
     META_KEY,
     METRICS_KEY,
+    SUCCESS_COUNT,
+    SUCCESS_EPISODES,
+    SUCCESS_EPISODES_ASKED,
     TRAIN_SECONDS,
 )
+from zk0.shared.success import SuccessRate
 
 
 def to_numpy(record: ArrayRecord) -> Arrays:
@@ -70,6 +80,31 @@ class RoundReport:
     dropped: dict[str, str] = field(default_factory=dict)
     eval_mse: dict[str, float] = field(default_factory=dict)
     eval_examples: dict[str, int] = field(default_factory=dict)
+    #: Closed-loop episodes this round asked of each agent (0: none).
+    success_asked: int = 0
+    #: Accepted closed-loop results; agents that ran no episode are absent.
+    success: dict[str, SuccessRate] = field(default_factory=dict)
+
+
+def _no_episodes(server_round: int) -> int:
+    return 0
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    # bool is an int in Python; a count is not a truth value.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def success_of(metrics: MetricRecord, asked: int) -> tuple[SuccessRate | None, str | None]:
+    """(result, None), (None, None) where no episode ran, or (None, why it is refused)."""
+    count, episodes = metrics.get(SUCCESS_COUNT), metrics.get(SUCCESS_EPISODES)
+    if count is None and episodes is None:
+        return None, None
+    if not (_is_count(count) and _is_count(episodes)):
+        return None, f"{SUCCESS_COUNT}/{SUCCESS_EPISODES} must both be integers"
+    if not 0 <= count <= episodes <= asked:
+        return None, f"{count}/{episodes} outside 0 <= successes <= episodes <= {asked} asked"
+    return (SuccessRate.of(count, episodes) if episodes else None), None
 
 
 class LoRAFedAvg(FedAvg):
@@ -79,6 +114,7 @@ class LoRAFedAvg(FedAvg):
     ``optimizer`` (its ``server-*`` settings) and ``optimizer_state`` (where it continues from,
     e.g. after a hub restart) add a server optimizer; ``optimizer_state`` is the state after the
     last aggregated round, for the caller to save. None (or ``server-optimizer: none``): plain.
+    ``success_episodes(round)``: closed-loop episodes each evaluation of that round asks for.
     """
 
     def __init__(
@@ -87,10 +123,12 @@ class LoRAFedAvg(FedAvg):
         aggregation: Mode = "fedavg",
         optimizer: OptimizerSettings | None = None,
         optimizer_state: OptimizerState | None = None,
+        success_episodes: Callable[[int], int] = _no_episodes,
         **fedavg_options: object,
     ) -> None:
         super().__init__(**fedavg_options)  # type: ignore[arg-type]
         self.aggregation = aggregation
+        self.success_episodes = success_episodes
         self.optimizer: OptimizerSettings | None = None
         self.optimizer_state: OptimizerState | None = None
         if optimizer is not None and optimizer.server_optimizer != "none":
@@ -111,6 +149,15 @@ class LoRAFedAvg(FedAvg):
         self._train_started[server_round] = time.perf_counter()
         self.report(server_round).bytes_sent += arrays.count_bytes() * len(messages)
         return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        asked = self.success_episodes(server_round)
+        self.report(server_round).success_asked = asked
+        # A copy: Flower hands the same record to every round (and to training).
+        round_config = ConfigRecord({**config, SUCCESS_EPISODES_ASKED: asked})
+        return super().configure_evaluate(server_round, arrays, round_config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -181,11 +228,10 @@ class LoRAFedAvg(FedAvg):
         accepted: list[RecordDict] = []
         for message in replies:
             agent = agent_of(message)
-            metrics = (
-                None if message.has_error() else message.content.metric_records.get(METRICS_KEY)
-            )
-            mse = metrics.get(EVAL_MSE) if metrics is not None else None
-            examples = metrics.get(self.weighted_by_key) if metrics is not None else None
+            metrics = MetricRecord()
+            if not message.has_error():
+                metrics = message.content.metric_records.get(METRICS_KEY) or metrics
+            mse, examples = metrics.get(EVAL_MSE), metrics.get(self.weighted_by_key)
             if not isinstance(mse, float) or not np.isfinite(mse) or not isinstance(examples, int):
                 reason = message.error.reason if message.has_error() else "no finite eval-mse"
                 logger.warning(
@@ -194,7 +240,25 @@ class LoRAFedAvg(FedAvg):
                 continue
             report.eval_mse[agent] = mse
             report.eval_examples[agent] = examples
-            accepted.append(message.content)
+            success, refused = success_of(metrics, report.success_asked)
+            if refused is not None:
+                logger.warning(
+                    "round {}: success from {} ignored (its MSE counts): {}",
+                    server_round,
+                    agent,
+                    refused,
+                )
+            elif success is not None:
+                report.success[agent] = success
+            # Example-weighted means of counts mean nothing: success is pooled below instead.
+            mse_part = MetricRecord(
+                {k: v for k, v in metrics.items() if k not in (SUCCESS_COUNT, SUCCESS_EPISODES)}
+            )
+            accepted.append(RecordDict({METRICS_KEY: mse_part}))
         if not accepted:
             return None
-        return aggregate_metricrecords(accepted, self.weighted_by_key)
+        aggregated = aggregate_metricrecords(accepted, self.weighted_by_key)
+        if report.success:
+            aggregated[SUCCESS_COUNT] = sum(r.successes for r in report.success.values())
+            aggregated[SUCCESS_EPISODES] = sum(r.episodes for r in report.success.values())
+        return aggregated

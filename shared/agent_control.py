@@ -39,7 +39,8 @@ from zk0.shared.success import Count, SuccessRate
 from zk0.shared.validation import Protocol, WireModel
 
 #: 2.1: ``label``, ``labels``; ``TaskResult.success``, ``AgentStatus.tasks``.
-PROTOCOL = Protocol("agent control", "2.1")
+#: 2.2: ``AgentReport.personal_revision``; ``RolledBack.personal_revision``, ``.summary``.
+PROTOCOL = Protocol("agent control", "2.2")
 Episodes = Annotated[int, Field(ge=1, le=100_000)]
 Version = Annotated[int, Field(ge=0, le=2**53)]
 #: Task episodes and jobs are numbered from 1, as an operator counts them.
@@ -171,7 +172,12 @@ class JobStopped(WireModel):
 
 
 class RolledBack(WireModel):
+    """What runs after a rollback: the fleet version and the local revision (personalized mode),
+    and one line saying what was rolled back to (empty from daemons older than 2.2)."""
+
     in_use: Version | None
+    personal_revision: Annotated[int, Field(ge=1, le=2**53)] | None = None
+    summary: Annotated[str, Field(max_length=300)] = ""
 
 
 class Labelled(WireModel):

@@ -52,3 +52,6 @@ class AgentReport(WireModel):
     #: The arm's job in progress (``record``, ``run_task``), if any.
     job: Word | None = None
     last_round: RoundOutcome | None = None
+    #: Personalized mode: the local revision the policy runs beside the fleet version (None:
+    #: none, the fleet version alone). Agents older than this field send nothing: None.
+    personal_revision: Annotated[int, Field(ge=1, le=2**53)] | None = None

@@ -143,7 +143,8 @@ def save_adapter(
     out_dir = Path(out_dir)
     with _staged(out_dir) as staging:
         peft_model.peft_config["default"].base_model_name_or_path = base.name_or_path
-        peft_model.save_pretrained(staging)
+        # The shared adapter only: an arm's local part (personalized mode) never leaves it.
+        peft_model.save_pretrained(staging, selected_adapters=["default"])
         peft_model.base_model.model.config._save_pretrained(staging)
         (staging / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
         for name, data in (extra_files or {}).items():

@@ -40,6 +40,15 @@ EXAMPLES = "num-examples"
 EVAL_MSE = "eval-mse"
 TRAIN_SECONDS = "train-seconds"
 NORMALIZATION = "normalization"
+#: Evaluate config: closed-loop episodes the hub asks for this round (0: none).
+SUCCESS_EPISODES_ASKED = "success-episodes-asked"
+#: Evaluate reply metrics (ints): successes and episodes run on the simulated arm. Absent where
+#: no episode ran (a real arm, no robot config, none asked).
+SUCCESS_COUNT = "success-count"
+SUCCESS_EPISODES = "success-episodes"
+#: Train config, optional: the hub's version number of the adapter the message carries (an arm
+#: records it with its local revision in the personalized mode; absent: not recorded).
+FLEET_VERSION = "fleet-version"
 
 FlowerValue = str | int | float | bool
 
@@ -144,6 +153,12 @@ class RunSettings(FlowerSettings):
     lora_rank: int = _lora_field("rank")
     lora_alpha: float = _lora_field("alpha")
     lora_dropout: float = _lora_field("dropout")
+    # Personalized mode (zk0.agent.personal_round): every arm also trains a local LoRA adapter
+    # (alpha = 2 x rank) that never leaves it; the shared adapter is aggregated as without it.
+    personal_rank: Annotated[
+        int,
+        Field(ge=0, le=64, description="Rank of each arm's local adapter, never sent (0: off)."),
+    ] = 0
     min_nodes: Annotated[int, Field(ge=1, description="SuperNodes a round needs.")] = 2
     fraction_train: Annotated[
         float, Field(gt=0, le=1, description="Share of nodes asked to train.")
@@ -152,7 +167,28 @@ class RunSettings(FlowerSettings):
         float, Field(gt=0, description="How long a round waits for replies.")
     ] = 600.0
     eval_frames: Annotated[int, Field(ge=1, description="Held-out frames per evaluation.")] = 24
-    seed: Annotated[int, _help("Seed of training batches and evaluation frames.")] = 0
+    # Closed-loop evaluation in simulated time (zk0.agent.inference.simulated), on nodes whose
+    # arm is the simulated one; a real arm never moves for a round. Episodes cost seconds each,
+    # so rounds in between may ask for fewer than the two ends that frame the run.
+    success_episodes: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=1000,
+            description="Closed-loop episodes per simulated agent at round 0 and the last round "
+            "(0: no closed-loop evaluation).",
+        ),
+    ] = 0
+    mid_success_episodes: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=1000,
+            description="Closed-loop episodes per simulated agent at the rounds in between "
+            "(needs success-episodes > 0).",
+        ),
+    ] = 0
+    seed: Annotated[int, _help("Seed of training batches, evaluation frames and scenes.")] = 0
     store_root: Annotated[str, _help("The hub's adapter store (empty: in the run folder).")] = ""
     run_dir: Annotated[str, _help("Folder of this run's history and logs (empty: a new one).")] = ""
     sim_data_root: Annotated[
@@ -169,6 +205,24 @@ class RunSettings(FlowerSettings):
                 f"{value} cannot follow aggregation svd (svd re-factors the LoRA factors in a "
                 "new basis every round, so server momentum on them is meaningless); "
                 "use aggregation fedavg or ffa, or server-optimizer none"
+            )
+        return value
+
+    def success_episodes_at(self, server_round: int) -> int:
+        """Closed-loop episodes round ``server_round`` asks of each agent (0 = start)."""
+        if server_round in (0, self.num_server_rounds):
+            return self.success_episodes
+        return self.mid_success_episodes
+
+    @field_validator("mid_success_episodes")
+    @classmethod
+    def _mid_needs_the_ends(cls, value: int, info: ValidationInfo) -> int:
+        # success-episodes 0 means no closed-loop evaluation at all: a run that measures the
+        # rounds between but not the start and the end could show no change, only a trend.
+        if value and not info.data.get("success_episodes"):
+            raise ValueError(
+                "needs success-episodes > 0 (round 0 and the last round are always measured "
+                "when any round is)"
             )
         return value
 
@@ -189,16 +243,35 @@ class NodeSettings(FlowerSettings, AgentCompute):
     #: The agent daemon's control socket: ask it before using the compute (empty: no daemon,
     #: e.g. a SuperNode started on its own or a simulated node).
     control_socket: str = ""
+    #: The agent's own arm (a file or a shipped name such as ``sim_so101``); empty: unknown.
+    #: Only a simulated arm runs closed-loop evaluation episodes in a round.
+    robot_config: str = ""
+    #: Personalized mode: where this arm keeps its local adapter's revisions (the agent daemon's
+    #: ``<data_root>/personal``); empty: none, the shared adapter alone.
+    personal_dir: str = ""
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], run: RunSettings) -> NodeSettings:
-        """Deployment nodes name their agent id and data root; simulated ones get a partition."""
+        """Deployment nodes name their agent id and data root; simulated ones get a partition.
+
+        A simulated node ``sim-NN`` reads its dataset from ``<sim-data-root>/sim-NN`` and its
+        arm's robot config from ``<sim-data-root>/sim-NN.yaml`` when that file exists (else it
+        has none, and runs no closed-loop episodes); it keeps its local adapter (personalized
+        mode) in ``<sim-data-root>/sim-NN.personal``.
+        """
         raw = dict(node_config)
         if "partition-id" in raw and "agent-id" not in raw:
             if not run.sim_data_root:
                 raise ConfigError("run config: sim-data-root is required in simulation")
             agent_id = f"sim-{int(raw['partition-id']):02d}"
-            raw = {"agent-id": agent_id, "data-root": str(Path(run.sim_data_root) / agent_id)}
+            root = Path(run.sim_data_root)
+            robot = root / f"{agent_id}.yaml"
+            raw = {
+                "agent-id": agent_id,
+                "data-root": str(root / agent_id),
+                "robot-config": str(robot) if robot.is_file() else "",
+                "personal-dir": str(root / f"{agent_id}.personal"),
+            }
         # Flower adds keys of its own (partition ids, counts): read only ours.
         settings = cls.from_flower(
             {k: v for k, v in raw.items() if k in cls.flower_keys()}, "node config"

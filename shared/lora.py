@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 EXPERT_LAYERS = r"model\.vlm_with_expert\.lm_expert\.layers\.\d+\.self_attn"
 Projection = Literal["q_proj", "k_proj", "v_proj", "o_proj"]
 ADAPTER_NAME = "default"
+#: The personalized mode's local part: a second LoRA adapter on the same projections, trained with
+#: the shared one but never sent (``zk0.agent.personal``). PEFT keys its tensors by this name.
+PERSONAL_ADAPTER = "personal"
 
 
 class LoraSpec(BaseModel):
@@ -126,6 +129,43 @@ def load_adapter_state(peft_model: Any, state: dict[str, torch.Tensor]) -> None:
     result = set_peft_model_state_dict(peft_model, state)
     if result.unexpected_keys:
         raise ValueError(f"adapter tensors not used by the model: {result.unexpected_keys[:3]}")
+
+
+def add_personal_adapter(peft_model: Any, spec: LoraSpec) -> None:
+    """Add the local part beside the shared adapter and make both active and trainable.
+
+    PEFT starts its ``lora_B`` at zero, so a fresh local part changes nothing until it trains.
+    Both adapters then add their ``(alpha / r) B A x`` in every forward pass; the shared one keeps
+    PEFT's default name, so ``adapter_state`` still returns exactly its tensors.
+    """
+    peft_model.add_adapter(PERSONAL_ADAPTER, spec.peft_config())
+    # LoraModel's set_adapter takes several names (PeftModel's only one) and marks them trainable.
+    peft_model.base_model.set_adapter([ADAPTER_NAME, PERSONAL_ADAPTER])
+
+
+def personal_state(peft_model: Any) -> dict[str, torch.Tensor]:
+    """The local part's tensors, under the same names as ``adapter_state`` gives the shared."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model, adapter_name=PERSONAL_ADAPTER)
+    return {k: v.detach() for k, v in state.items()}
+
+
+def load_personal_state(peft_model: Any, state: dict[str, torch.Tensor]) -> None:
+    """Load the local part's tensors; refuses missing, unexpected or misshapen ones."""
+    from peft import set_peft_model_state_dict
+
+    expected = personal_state(peft_model)
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ValueError(
+            f"local adapter tensors do not fit the model: missing {missing[:3]}, extra {extra[:3]}"
+        )
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            shapes = f"{tuple(tensor.shape)}, the model has {tuple(expected[name].shape)}"
+            raise ValueError(f"local adapter tensor {name}: {shapes}")
+    set_peft_model_state_dict(peft_model, state, adapter_name=PERSONAL_ADAPTER)
 
 
 def merged_copy(base_policy: Any, spec: LoraSpec, state: dict[str, torch.Tensor]) -> Any:

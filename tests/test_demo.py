@@ -7,13 +7,14 @@ the demo's supervisor restarts the killed one, and it converges to the newest ve
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from zk0.hub.demo import RESULTS_FILE, DemoResults, run_demo
 from zk0.hub.demo_fleet import DemoOptions
-from zk0.shared.agent_control import TaskResult
+from zk0.hub.history import HISTORY_FILE
 from zk0.shared.store import AdapterStore
 
 
@@ -26,7 +27,8 @@ def test_a_killed_agent_restarts_and_converges(
         episodes=4,
         episode_time_s=4.0,
         local_steps=8,
-        eval_episodes=1,
+        eval_episodes=2,
+        mid_eval_episodes=0,
         outputs=tmp_path / "outputs",
         chaos_kill_round=2,
         timeout_s=900,
@@ -46,13 +48,18 @@ def test_a_killed_agent_restarts_and_converges(
     for agent_id, agent in agents.items():
         status = agent.status
         assert status.in_use == newest, agent_id
-        assert status.job is not None and isinstance(status.job.result, TaskResult)
-        assert status.job.result.episodes == 1
         assert status.report.last_round is not None, agent_id
     # The survivor trained and evaluated every round; its daemon remembers how round 2 ended.
     last = agents["sim-01"].status.report.last_round
     assert last is not None and (last.round, last.outcome) == (2, "evaluated")
     assert [a.report.episodes_total for a in results.hub.agents] == [4, 4]
+    # Success was measured before the first round and after the last, on the same 2 scenes.
+    assert results.hub.last_run is not None
+    history = json.loads((Path(results.hub.last_run.run_dir) / HISTORY_FILE).read_text())
+    for agent_id in agents:
+        measured = [s for s in history["success"][agent_id] if s is not None]
+        assert len(measured) >= 2 and measured[0]["episodes"] == 2, (agent_id, measured)
     printed = capsys.readouterr().out
     assert "zk0 demo: 2 simulated SO-101 agents" in printed and f"v{newest}" in printed
-    assert "eval_mse_chart.png" in printed
+    assert "eval_mse_chart.png" in printed and "mean success over agents" in printed
+    assert "demo wall time" in printed

@@ -80,10 +80,12 @@ def torch_chunk_fn(model: Any, preprocessor: Any, postprocessor: Any) -> ChunkFn
     """A ``ChunkFn`` over an in-memory policy (possibly PEFT-wrapped) and its processors."""
     import torch
 
+    device = next(model.parameters()).device
+
     def chunk(frame: dict[str, Any], noise: Any) -> NDArray[np.floating]:
         with torch.no_grad():
             batch = preprocessor(dict(frame))
-            normalized = model.predict_action_chunk(batch, noise=noise)
+            normalized = model.predict_action_chunk(batch, noise=noise.to(device))
             actions = postprocessor(normalized)
         return np.asarray(actions.detach().cpu().numpy()[0], dtype=np.float64)
 

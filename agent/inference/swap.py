@@ -12,6 +12,11 @@ ran before.
 
 Merging this way costs milliseconds and a few MB (full size: 5 MB of merged weights instead of
 a 1.8 GB copy), so a swap neither stalls the control loop's thread nor doubles memory.
+
+Personalized mode (``zk0.agent.personal``): a runtime is (fleet version, local revision), its
+weights ``W + (alpha/r) B A + (alpha_p/r_p) B_p A_p`` (PEFT with both adapters active); the slot
+merges its local part into every fleet version, and ``offer_personal``/``use_personal`` swap in
+another revision over the active fleet version.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from loguru import logger
@@ -30,6 +35,9 @@ from numpy.typing import NDArray
 
 from zk0.shared.lora import EXPERT_LAYERS, LoraSpec
 from zk0.shared.policy_factory import LoadedPolicy, make_processors
+
+if TYPE_CHECKING:
+    from zk0.agent.personal import PersonalPart
 
 #: The expert's attention projections: every weight a LoRA adapter of ``zk0.shared.lora`` can
 #: change. The ONNX denoise graph takes exactly these as inputs.
@@ -91,10 +99,24 @@ class PolicyRuntime:
     postprocessor: Any
     weights: Weights = field(repr=False)
     load_s: float = 0.0
+    #: The local revision merged into ``weights`` (None: the fleet version alone).
+    personal_revision: int | None = None
+    #: With a local part: the fleet version's weights without it (what another revision merges on).
+    fleet_weights: Weights | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
-        return "base" if self.version is None else f"v{self.version}"
+        fleet = "base" if self.version is None else f"v{self.version}"
+        local = self.personal_revision
+        return fleet if local is None else f"{fleet}+r{local}"
+
+    def with_personal(self, part: PersonalPart | None) -> PolicyRuntime:
+        """The same fleet version with local part ``part`` merged in (None: without one)."""
+        fleet = self.fleet_weights if self.fleet_weights is not None else self.weights
+        if part is None:
+            return replace(self, weights=fleet, personal_revision=None, fleet_weights=None)
+        merged = merge_lora(fleet, part.spec, part.state)
+        return replace(self, weights=merged, personal_revision=part.revision, fleet_weights=fleet)
 
     @property
     def arrays(self) -> dict[str, NDArray[np.float32]]:
@@ -185,9 +207,11 @@ class AdapterSlot:
         self._processors = _Processors(base.policy.config)
         pre, post = self._processors.get("base", lambda: base_stats)
         self._active = PolicyRuntime(None, None, pre, post, self._base_weights)
-        self._previous: list[PolicyRuntime] = []
+        self._previous: list[PolicyRuntime] = []  # fleet versions only: rollback's history
+        self._personal: PersonalPart | None = None  # merged into every runtime swapped in
         self._cond = threading.Condition()
         self._pending: tuple[int | None, Path, float] | None = None
+        self._pending_personal: tuple[int, Callable[[], PersonalPart]] | None = None
         self._busy = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -203,8 +227,13 @@ class AdapterSlot:
     def version(self) -> int | None:
         return self._active.version
 
+    @property
+    def personal_revision(self) -> int | None:
+        return self._active.personal_revision
+
     def build(self, folder: Path) -> PolicyRuntime:
-        """Verify the artifact at ``folder`` against the base and merge it (any thread)."""
+        """Verify the artifact at ``folder`` against the base and merge it (any thread); the
+        fleet version alone (the slot's local part is merged in when it is swapped in)."""
         from safetensors.torch import load_file
 
         from zk0.shared.artifact import TENSORS_FILE, verify_artifact
@@ -259,16 +288,36 @@ class AdapterSlot:
     def load(self, path: Path) -> PolicyRuntime:
         """Load and swap in now, in the caller's thread (a command, or ``--adapter``)."""
         offered = time.monotonic()
-        runtime = self.build(path)
-        self._swap(runtime, offered, "load")
+        return self._swap(self.build(path), offered, "load")
+
+    def offer_personal(self, revision: int, load: Callable[[], PersonalPart]) -> None:
+        """Load local revision ``revision`` (``load`` verifies it) in the background and swap it
+        in over the active fleet version; returns at once. A newer offer replaces one waiting."""
+        with self._cond:
+            self._pending_personal = (revision, load)
+            self._cond.notify_all()
+
+    def use_personal(self, part: PersonalPart | None) -> PolicyRuntime:
+        """Run local part ``part`` (verified; None: none) over the active fleet version, now."""
+        offered = time.monotonic()
+        with self._cond:
+            runtime = self._active.with_personal(part)  # merging refuses what does not fit
+            runtime = replace(runtime, load_s=time.monotonic() - offered)
+            replaced, self._active, self._personal = self._active, runtime, part
+            self.swaps.append(
+                SwapRecord(runtime.version, offered, time.monotonic(), runtime.load_s, "personal")
+            )
+        logger.info("local part: {} -> {} active", replaced.label, runtime.label)
+        self._swapped(runtime)
         return runtime
 
     def rollback(self) -> PolicyRuntime:
-        """Make the version that ran before the current one active again."""
+        """Make the fleet version that ran before the current one active again (with the local
+        part in use now: ``use_personal`` rolls that back)."""
         with self._cond:
             if not self._previous:
                 raise ValueError("nothing to roll back to: no earlier version has run")
-            runtime = self._previous.pop()
+            runtime = self._with_local(self._previous.pop())
             now = time.monotonic()
             replaced, self._active = self._active, runtime
             self.swaps.append(SwapRecord(runtime.version, now, now, 0.0, "rollback"))
@@ -279,11 +328,21 @@ class AdapterSlot:
     def idle(self) -> bool:
         """No offer waiting or loading."""
         with self._cond:
-            return self._pending is None and not self._busy
+            return self._pending is None and self._pending_personal is None and not self._busy
 
     # -- internals --------------------------------------------------------------------------------
-    def _swap(self, runtime: PolicyRuntime, offered: float, kind: str) -> None:
+    def _with_local(self, runtime: PolicyRuntime) -> PolicyRuntime:
+        """``runtime`` with the slot's local part merged in (call holding ``_cond``)."""
+        try:
+            return runtime.with_personal(self._personal)
+        except ValueError as error:  # verified, yet it does not fit: the fleet version alone
+            logger.error("local part dropped: {}; running {} alone", error, runtime.label)
+            self._personal = None
+            return runtime.with_personal(None)
+
+    def _swap(self, runtime: PolicyRuntime, offered: float, kind: str) -> PolicyRuntime:
         with self._cond:
+            runtime = self._with_local(runtime)
             self._previous.append(self._active)
             del self._previous[: -self._keep]
             self._active = runtime
@@ -296,6 +355,7 @@ class AdapterSlot:
             runtime.load_s * 1e3,
         )
         self._swapped(runtime)
+        return runtime
 
     def _swapped(self, runtime: PolicyRuntime) -> None:
         for listener in self._swap_listeners:
@@ -304,19 +364,32 @@ class AdapterSlot:
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._stopping or self._pending is not None)
+                self._cond.wait_for(
+                    lambda: self._stopping or bool(self._pending or self._pending_personal)
+                )
                 if self._stopping:
                     return
-                assert self._pending is not None
-                version, path, offered = self._pending
+                offer, personal = self._pending, None
+                if offer is None:  # fleet versions first; a local revision merges over the newest
+                    personal, self._pending_personal = self._pending_personal, None
                 self._pending, self._busy = None, True
             try:
-                runtime = self.build(path)
-                if version is not None and runtime.version != version:
-                    raise ValueError(f"it holds version {runtime.version}")
-                self._swap(runtime, offered, "offer")
-            except Exception as error:  # a bad artifact must never stop the arm
-                message = f"adapter v{version} at {path} not loaded: {error}"
+                if offer is not None:
+                    version, path, offered = offer
+                    what = f"adapter v{version} at {path}"
+                    runtime = self.build(path)
+                    if version is not None and runtime.version != version:
+                        raise ValueError(f"it holds version {runtime.version}")
+                    self._swap(runtime, offered, "offer")
+                elif personal is not None:
+                    revision, load = personal
+                    what = "local part"  # the store's error names the revision and folder
+                    part = load()  # verifies it
+                    if part.revision != revision:
+                        raise ValueError(f"r{revision} holds revision {part.revision}")
+                    self.use_personal(part)
+            except Exception as error:  # a bad artifact or revision must never stop the arm
+                message = f"{what} not loaded: {error}"
                 logger.error(message)
                 self.errors.append(message)
             finally:
