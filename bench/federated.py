@@ -32,6 +32,7 @@ from zk0.agent.training import (
 )
 from zk0.bench._common import write_result
 from zk0.hub.aggregation import MODES, ClientUpdate, aggregate
+from zk0.hub.history import HISTORY_FILE
 from zk0.hub.superlink import SimulationSuperLink, SuperLink, SuperLinkSettings
 from zk0.shared.cli import RobotOption
 from zk0.shared.config import DEFAULT_ROBOT_CONFIG, load_robot_config
@@ -100,31 +101,39 @@ AGENTS = ["sim-00", "sim-01", "sim-02", "sim-03"]
 LEARNING = RunSettings(policy="tiny-sim-base", local_steps=15, lr=1e-3, eval_frames=16, seed=0)
 
 
-def simulate(mode: str, rounds: int, datasets: dict[str, Path], work: Path) -> dict[str, Any]:
-    """One Flower simulation (4 non-IID clients); returns its eval history."""
-    sim_root, flwr_home, run_dir = work / "data", work / f"flwr-{mode}", work / f"run-{mode}"
+def simulate(
+    settings: RunSettings, datasets: dict[str, Path], work: Path, run_dir: Path
+) -> dict[str, Any]:
+    """One Flower simulation of ``settings`` with one node per dataset; its eval history.
+
+    Simulated nodes are ``sim-00``, ``sim-01``, ... (Flower's partition ids), so ``datasets`` is
+    keyed so. The run's adapter store (every version) stays in ``run_dir/hub/adapters``, and
+    what the nodes keep (personalized mode) in ``work/data-<run>/sim-NN.personal``."""
+    sim_root = work / f"data-{run_dir.name}"
     sim_root.mkdir(parents=True, exist_ok=True)
     for agent, root in datasets.items():
         if not (sim_root / agent).exists():
             (sim_root / agent).symlink_to(root)
-    settings = LEARNING.model_copy(
+    settings = settings.model_copy(
         update={
-            "aggregation": mode,
-            "num_server_rounds": rounds,
             "min_nodes": len(datasets),
             "sim_data_root": str(sim_root),
             "run_dir": str(run_dir),
         }
     )
-    link = SimulationSuperLink(len(datasets), flwr_home, work / f"logs-{mode}")
+    link = SimulationSuperLink(len(datasets), work / f"flwr-{run_dir.name}", work / "logs")
     try:
         link.start()
-        completed = link.run(settings, timeout_s=3600)
+        completed = link.run(settings, timeout_s=3 * 3600)
     finally:
         link.stop()
-    if completed.returncode != 0:
-        raise RuntimeError(f"simulation ({mode}) failed: {completed.stderr[-500:]}")
-    history: dict[str, Any] = json.loads((run_dir / "eval_mse_history.json").read_text())
+    history_file = run_dir / HISTORY_FILE
+    if completed.returncode != 0 or not history_file.is_file():  # flwr run may exit 0 regardless
+        raise RuntimeError(
+            f"simulation ({run_dir.name}) failed (exit {completed.returncode}): see "
+            f"{run_dir / 'hub' / 'hub.log'}; {completed.stderr[-300:]}"
+        )
+    history: dict[str, Any] = json.loads(history_file.read_text())
     return history
 
 
@@ -271,7 +280,15 @@ def main(
         datasets = client_datasets(AGENTS, episodes, 6.0)
         with tempfile.TemporaryDirectory(prefix="zk0-bench-fed-") as tmp:
             work = Path(tmp)
-            histories = {mode: simulate(mode, rounds, datasets, work) for mode in MODES}
+            histories = {
+                mode: simulate(
+                    LEARNING.model_copy(update={"aggregation": mode, "num_server_rounds": rounds}),
+                    datasets,
+                    work,
+                    work / f"run-{mode}",
+                )
+                for mode in MODES
+            }
             bounds = baselines(rounds, datasets)
             overhead = flower_overhead(datasets, work)
         result |= {

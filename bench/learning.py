@@ -1,0 +1,390 @@
+"""``zk0 bench learning``: do the arms get better at their tasks by learning together?
+
+One run, fixed seeds, the same recorded episodes and the same evaluation scenes for every
+method, and the same local compute per client (``rounds x local-steps`` optimizer steps at the
+same batch size and learning-rate restarts)::
+
+    variants --record (cached)--> clients: train episodes | held-out episodes | eval scenes
+       |
+       +-- base            tiny-sim-base as shipped (its pretraining normalization)
+       +-- local_only      each client alone: LoRA on its own episodes, its own normalization
+       +-- centralized     one LoRA on the union, clients x local-steps steps per round
+       +-- <federated>     a Flower simulation per mode (the product's ClientApp and ServerApp);
+                           every version it stores is measured afterwards
+       |
+       v
+    per method, client and round: held-out MSE (standardized units) and closed-loop success
+    in simulated time with its Wilson interval -> JSON, one-line summary, chart
+
+Success is measured on ``--eval-episodes`` scenes at round 0 and at the last round, and on
+``--mid-episodes`` scenes in between (stated in the JSON).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+import typer
+from loguru import logger
+
+from zk0.agent.inference.evaluation import base_task_stats
+from zk0.agent.training import TrainConfig, train_policy
+from zk0.bench._common import write_result
+from zk0.bench._learning_clients import (
+    Client,
+    load_variants,
+    make_clients,
+    measure,
+    realtime,
+    training_frames,
+)
+from zk0.bench.federated import simulate
+from zk0.shared.artifact import load_adapter
+from zk0.shared.features import PolicyFeatures
+from zk0.shared.federation import RunSettings
+from zk0.shared.lora import add_personal_adapter, apply_lora, load_personal_state
+from zk0.shared.normalization import NORMALIZATION_FILE, combine_all, loads, to_lerobot
+from zk0.shared.policy_factory import build_policy
+from zk0.shared.sim_variants import BASE_VARIANT, CLIENT_VARIANTS, SIM_ROBOT, variant_config
+from zk0.shared.store import AdapterStore
+from zk0.shared.success import SuccessRate
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+#: The federated mode the product runs by default (``RunSettings.aggregation``), chosen by this
+#: benchmark; the summary compares it with the baselines.
+FEDERATED_METHODS: dict[str, dict[str, Any]] = {
+    "fedavg": {"aggregation": "fedavg"},
+    "svd": {"aggregation": "svd"},
+    "ffa": {"aggregation": "ffa"},
+    # FedAvgM: steps of up to 1/(1-β) = 2x the round's mean delta where rounds agree.
+    "fedavgm": {"aggregation": "fedavg", "server_optimizer": "fedavgm", "server_momentum": 0.5},
+    # Personalized: the shared adapter (fedavg) plus a rank-4 local part per arm, never sent.
+    "personal": {"aggregation": "fedavg", "personal_rank": 4},
+}
+BASELINES = ("base", "local_only", "centralized")
+#: Seeds, batch size and learning rate of every method: the run config's, with these steps.
+LEARNING = RunSettings(policy="tiny-sim-base", local_steps=100, batch_size=16, lr=1e-3, seed=0)
+
+
+class Bench:
+    def __init__(
+        self,
+        clients: list[Client],
+        settings: RunSettings,
+        points: dict[str, int],
+        default_mode: str,
+    ) -> None:
+        self.clients = clients
+        self.settings = settings
+        self.rounds = settings.num_server_rounds
+        self.points = points
+        features = PolicyFeatures.from_robot_config(variant_config(BASE_VARIANT, 8.0))
+        self.base = build_policy(settings.policy, features, device="cpu")
+        self.config = self.base.policy.config
+        self.default_mode = default_mode
+        #: method -> client -> real-time asynchronous success (base and the default mode).
+        self.realtime: dict[str, dict[str, Any]] = {}
+
+    def episodes_at(self, round_: int) -> int:
+        last = round_ in (0, self.rounds)
+        return self.points["eval"] if last else self.points["mid"]
+
+    def point(self, model: Any, stats: dict[str, Any], client: Client, round_: int) -> Any:
+        return measure(
+            model,
+            stats,
+            client,
+            round_,
+            episodes=self.episodes_at(round_),
+            mse_frames=self.points["mse_frames"],
+            seed=self.settings.seed,
+        )
+
+    def fresh(self) -> Any:
+        return apply_lora(copy.deepcopy(self.base.policy), self.settings.lora)
+
+    def train_round(self, model: Any, stats: dict[str, Any], data: Any, steps: int, r: int) -> None:
+        from zk0.shared.policy_factory import make_processors
+
+        preprocessor, _ = make_processors(self.config, stats)
+        train_policy(
+            model,
+            preprocessor,
+            data,
+            TrainConfig(
+                local_steps=steps,
+                batch_size=self.settings.batch_size,
+                lr=self.settings.lr,
+                seed=self.settings.seed * 100_003 + r,  # as the ClientApp seeds round r
+            ),
+        )
+
+    # -- methods ----------------------------------------------------------------------------------
+    def base_method(self) -> dict[str, Any]:
+        stats = base_task_stats(self.config)
+        self.realtime["base"] = self.realtime_success(None)
+        return {c.name: [self.point(self.base.policy, stats, c, 0)] for c in self.clients}
+
+    def realtime_success(self, store: AdapterStore | None) -> dict[str, Any]:
+        """Real-time asynchronous success of the base (no store) or a store's last version."""
+        if not self.points["realtime"]:
+            return {}
+        adapter = None if store is None else store.path(store.versions()[-1])
+        return {
+            c.name: realtime(c, self.settings.policy, adapter, self.points["realtime"])
+            for c in self.clients
+        }
+
+    def local_only(self) -> dict[str, Any]:
+        result = {}
+        for client in self.clients:
+            model, stats = self.fresh(), to_lerobot(client.stats)
+            data = training_frames(client, self.config.chunk_size)
+            points = [self.point(model, stats, client, 0)]
+            for r in range(1, self.rounds + 1):
+                self.train_round(model, stats, data, self.settings.local_steps, r)
+                points.append(self.point(model, stats, client, r))
+            result[client.name] = points
+        return result
+
+    def centralized(self) -> dict[str, Any]:
+        model = self.fresh()
+        stats = to_lerobot(combine_all([c.stats for c in self.clients]))
+        data: torch.utils.data.Dataset[Any] = torch.utils.data.ConcatDataset(
+            [training_frames(c, self.config.chunk_size) for c in self.clients]
+        )
+        points = {c.name: [self.point(model, stats, c, 0)] for c in self.clients}
+        for r in range(1, self.rounds + 1):
+            self.train_round(model, stats, data, self.settings.local_steps * len(self.clients), r)
+            for client in self.clients:
+                points[client.name].append(self.point(model, stats, client, r))
+        return points
+
+    def federated(self, mode: str, work: Path) -> dict[str, Any]:
+        settings = RunSettings.model_validate(
+            {**self.settings.model_dump(), **FEDERATED_METHODS[mode]}
+        )
+        run_dir = work / f"run-{mode}"
+        nodes = {f"sim-{i:02d}": c for i, c in enumerate(self.clients)}  # Flower's partitions
+        simulate(settings, {node: c.root for node, c in nodes.items()}, work, run_dir)
+        store = AdapterStore(run_dir / "hub" / "adapters")
+        points: dict[str, list[Any]] = {c.name: [] for c in self.clients}
+        for version in store.versions():
+            stats = to_lerobot(loads((store.path(version) / NORMALIZATION_FILE).read_bytes()))
+            for node, client in nodes.items():
+                model = self.fresh()
+                load_adapter(model, store.path(version))
+                if settings.personal_rank and version > 0:
+                    # What the arm ran after round `version`: the fleet's adapter plus its own
+                    # local revision of that round (the node keeps the last few).
+                    part = _personal_part(
+                        work / f"data-{run_dir.name}" / f"{node}.personal", version
+                    )
+                    if part is None:
+                        continue
+                    add_personal_adapter(model, part.spec)
+                    load_personal_state(model, part.state)
+                points[client.name].append(self.point(model, stats, client, version))
+        if mode == self.default_mode:
+            self.realtime[mode] = self.realtime_success(store)
+        return points
+
+
+def _personal_part(folder: Path, server_round: int) -> Any:
+    """The local revision a simulated node wrote in ``server_round`` (None if pruned)."""
+    from zk0.agent.personal import PersonalStore
+
+    store = PersonalStore(folder)
+    for revision in store.revisions():
+        part = store.load(revision)
+        if part.meta.server_round == server_round:
+            return part
+    return None
+
+
+def summarize(methods: dict[str, Any], default: str, base_task: SuccessRate) -> dict[str, Any]:
+    """The summary keys the issue names, from the last point of each method per client
+    (point estimates on the same paired scenes; a key is absent when a method did not run)."""
+
+    def last(method: str, key: str) -> dict[str, float]:
+        clients = methods.get(method, {}).get("clients", {})
+        values = {}
+        for name, points in clients.items():
+            value = points[-1][key]
+            values[name] = value["rate"] if key == "success" else value
+        return values
+
+    def mean(values: dict[str, float]) -> float:
+        return float(np.mean(list(values.values())))
+
+    summary: dict[str, Any] = {
+        "default_mode": default,
+        "base_task_success": base_task.rate,
+        "base_task_episodes": base_task.episodes,
+    }
+    base_s, default_s, local_s = (last(m, "success") for m in ("base", default, "local_only"))
+    base_m, default_m, local_m, central_m = (
+        last(m, "mse") for m in ("base", default, "local_only", "centralized")
+    )
+    if base_s:
+        summary["base_client_success_mean"] = mean(base_s)
+    if base_s and default_s:
+        summary["success_gain_pp_over_base"] = 100 * mean(
+            {c: default_s[c] - base_s[c] for c in default_s}
+        )
+    if local_s and default_s:
+        summary["default_minus_local_only_success_pp"] = 100 * mean(
+            {c: default_s[c] - local_s[c] for c in default_s}
+        )
+    if base_m and default_m and central_m:
+        gain = mean(base_m) - mean(central_m)
+        summary["fraction_of_centralized_gain_mse"] = (
+            (mean(base_m) - mean(default_m)) / gain if gain else None
+        )
+    if local_m and default_m:
+        summary["worst_client_mse_over_local_only"] = max(
+            default_m[c] / local_m[c] for c in local_m
+        )
+    return summary
+
+
+@app.command()
+def main(
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+    variants: Annotated[
+        Path | None, typer.Option(help="YAML: client name -> sim_so101 options.")
+    ] = None,
+    rounds: Annotated[int, typer.Option(min=1, max=10)] = 10,
+    train_episodes: Annotated[int, typer.Option(min=2, max=40, help="Recorded per client.")] = 40,
+    eval_episodes: Annotated[
+        int, typer.Option(min=1, help="Success episodes per client at round 0 and the last.")
+    ] = 20,
+    mid_episodes: Annotated[int, typer.Option(min=0, help="Success episodes in between.")] = 5,
+    base_episodes: Annotated[int, typer.Option(min=1, help="Base task episodes.")] = 30,
+    realtime_episodes: Annotated[
+        int, typer.Option(min=0, help="Real-time async episodes per client (base, default).")
+    ] = 10,
+    local_steps: Annotated[int, typer.Option(min=1)] = LEARNING.local_steps,
+    methods: Annotated[str, typer.Option(help="Comma list of methods (default: all).")] = ",".join(
+        (*BASELINES, *FEDERATED_METHODS)
+    ),
+    default_mode: Annotated[str, typer.Option(help="The mode the summary compares.")] = "fedavg",
+    threads: int = 1,
+) -> None:
+    """Base, local-only, centralized and every federated mode on the same clients and scenes."""
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    chosen = load_variants(variants) if variants is not None else CLIENT_VARIANTS
+    settings = LEARNING.model_copy(update={"num_server_rounds": rounds, "local_steps": local_steps})
+    points = {
+        "eval": eval_episodes,
+        "mid": mid_episodes,
+        "mse_frames": 64,
+        "realtime": realtime_episodes,
+    }
+    wanted = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - {*BASELINES, *FEDERATED_METHODS})
+    if unknown:
+        raise typer.BadParameter(f"unknown methods {unknown}", param_hint="--methods")
+    probe = build_policy(settings.policy, PolicyFeatures.from_robot_config(
+        variant_config(BASE_VARIANT, 8.0)), device="cpu")  # fmt: skip
+    clients = make_clients(chosen, train_episodes, probe.policy.config)
+    bench = Bench(clients, settings, points, default_mode)
+    base_task = _base_task_success(bench, base_episodes)
+    results: dict[str, Any] = {}
+    work = Path(tempfile.mkdtemp(prefix="zk0-bench-learning-"))
+    try:
+        for method in wanted:
+            logger.info("bench learning: {}", method)
+            clock = time.perf_counter()
+            if method in FEDERATED_METHODS:
+                by_client = bench.federated(method, work)
+            else:
+                by_client = getattr(bench, "base_method" if method == "base" else method)()
+            results[method] = {
+                "clients": {c: {"by_round": p} for c, p in by_client.items()},
+                "wall_s": time.perf_counter() - clock,
+            }
+    except BaseException:
+        logger.error("bench learning failed; its runs and logs stay in {}", work)
+        raise
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    finally:
+        for client in clients:
+            client.close()
+    flat = {m: {"clients": {c: v["by_round"] for c, v in r["clients"].items()}}
+            for m, r in results.items()}  # fmt: skip
+    summary_keys = summarize(flat, default_mode, base_task)
+    expert = SuccessRate.of(
+        sum(c.expert_successes for c in clients), sum(c.expert_episodes for c in clients)
+    )
+    result = {
+        **summary_keys,
+        "expert_success_rate": expert.rate,
+        "wall_s": time.perf_counter() - started,
+        "methods": results,
+        "realtime_async": bench.realtime,
+        "setup": {
+            "clients": {c.name: c.options for c in clients},
+            "expert": {c.name: [c.expert_successes, c.expert_episodes] for c in clients},
+            "train_episodes": [len(c.train_episodes) for c in clients],
+            "held_out_episodes": [len(c.held_out) for c in clients],
+            "evaluation_scenes": {"first": 1_000_000, **points},
+            "base_task": base_task.model_dump(),
+            "run_config": settings.to_flower(),
+        },
+    }
+    if json_path is not None:
+        _chart(results, json_path.with_suffix(".png"))
+    line = ", ".join(
+        f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary_keys.items()
+    )
+    write_result(json_path, result, f"learning: {line}")
+
+
+def _base_task_success(bench: Bench, episodes: int) -> SuccessRate:
+    from zk0.agent.inference.simulated import evaluate_policy, evaluation_scenes
+    from zk0.shared.config import load_robot_config
+    from zk0.shared.policy_factory import make_processors
+
+    pre, post = make_processors(bench.config, base_task_stats(bench.config))
+    config = variant_config(BASE_VARIANT, load_robot_config(SIM_ROBOT).episode_time_s)
+    return evaluate_policy(
+        config, bench.base.policy, pre, post, evaluation_scenes(episodes), seed=0
+    ).success
+
+
+def _chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (success_axis, mse_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method, result in results.items():
+        clients = list(result["clients"].values())
+        rounds = [p["round"] for p in clients[0]["by_round"]]
+        mse = np.mean([[p["mse"] for p in c["by_round"]] for c in clients], axis=0)
+        mse_axis.plot(rounds, mse, marker="o", label=method)
+        with_success = [i for i, p in enumerate(clients[0]["by_round"]) if p["success"]]
+        rates = [
+            np.mean([c["by_round"][i]["success"]["rate"] for c in clients]) for i in with_success
+        ]
+        success_axis.plot([rounds[i] for i in with_success], rates, marker="o", label=method)
+    success_axis.set(title="closed-loop success (mean over clients)", xlabel="round", ylim=(0, 1))
+    mse_axis.set(title="held-out MSE (standardized)", xlabel="round", yscale="log")
+    success_axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    logger.info("chart: {}", json.dumps(str(path)))
