@@ -385,6 +385,7 @@ def _chart(results: dict[str, Any], path: Path) -> None:
     mse_axis.set(title="held-out MSE (standardized)", xlabel="round", yscale="log")
     success_axis.legend(fontsize=8)
     figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     logger.info("chart: {}", json.dumps(str(path)))
