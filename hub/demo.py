@@ -44,6 +44,7 @@ from zk0.shared import agent_control as ac
 from zk0.shared import hub_control as hc
 from zk0.shared.logs import RUN_DIR_ENV, new_run_dir, setup_logging
 from zk0.shared.sim_variants import CLIENT_VARIANTS
+from zk0.shared.success import SuccessRate
 
 RESULTS_FILE = "demo_results.json"
 
@@ -187,6 +188,13 @@ def _run(demo: Demo, console: Console) -> DemoResults:
     return DemoResults(hub=hub.ask(hc.Status()), agents=agents, newest=newest)
 
 
+def _compact(rate: SuccessRate | None) -> str:
+    """``3/10 [11-60%]``: the count and its 95 % Wilson interval, narrow enough for a table."""
+    if rate is None or rate.rate is None:
+        return "-"
+    return f"{rate.successes}/{rate.episodes} [{rate.low:.0%}-{rate.high:.0%}]"
+
+
 def _print_table(console: Console, run_dir: Path, results: DemoResults) -> None:
     assert results.hub.last_run is not None
     federated_run = Path(results.hub.last_run.run_dir)
@@ -195,7 +203,7 @@ def _print_table(console: Console, run_dir: Path, results: DemoResults) -> None:
         title=f"zk0 demo: {len(results.agents)} simulated SO-101 agents, "
         f"newest version {results.newest}"
     )
-    columns = ("agent", "episodes", "eval MSE round 0 -> last", "success round 0", "success last")
+    columns = ("agent", "episodes", "MSE round 0 -> last", "success round 0", "success last")
     for column in (*columns, "adapter", "MB in", "restarts"):
         table.add_column(column, justify="left" if column == "agent" else "right")
     before, after = [], []
@@ -211,8 +219,8 @@ def _print_table(console: Console, run_dir: Path, results: DemoResults) -> None:
             agent_id,
             str(status.report.episodes_total),
             f"{series[0]:.4f} -> {series[-1]:.4f}" if series else "-",
-            first.describe() if first is not None else "-",
-            last.describe() if last is not None else "-",
+            _compact(first),
+            _compact(last),
             f"v{status.in_use}",
             f"{status.bytes_received / 1e6:.2f}",
             str(agent.restarts),

@@ -42,13 +42,13 @@ class DemoOptions(BaseModel):
     ] = 3
     # Sized so that the arms measurably learn their variants within the demo's ~15 minutes on a
     # 2-core CPU (tiny-sim-base succeeds 0/20 on them before any round).
-    rounds: Annotated[int, Field(ge=1, description="Federated LoRA rounds.")] = 4
+    rounds: Annotated[int, Field(ge=1, description="Federated LoRA rounds.")] = 6
     episodes: Annotated[int, Field(ge=2, description="Episodes each agent records.")] = 12
     episode_time_s: float = 8.0
     policy: Annotated[str, Field(description="The base policy (a zk0 base or a Hub id).")] = (
         "tiny-sim-base"
     )
-    local_steps: int = 50
+    local_steps: int = 80
     batch_size: int = 16
     lr: float = 1e-3
     eval_episodes: Annotated[
