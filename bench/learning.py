@@ -301,6 +301,31 @@ def main(
     bench = Bench(clients, settings, points, default_mode)
     base_task = _base_task_success(bench, base_episodes)
     results: dict[str, Any] = {}
+
+    def report(complete: bool) -> dict[str, Any]:
+        flat = {m: {"clients": {c: v["by_round"] for c, v in r["clients"].items()}}
+                for m, r in results.items()}  # fmt: skip
+        expert = SuccessRate.of(
+            sum(c.expert_successes for c in clients), sum(c.expert_episodes for c in clients)
+        )
+        return {
+            **summarize(flat, default_mode, base_task),
+            "expert_success_rate": expert.rate,
+            "wall_s": time.perf_counter() - started,
+            "complete": complete,
+            "methods": results,
+            "realtime_async": bench.realtime,
+            "setup": {
+                "clients": {c.name: c.options for c in clients},
+                "expert": {c.name: [c.expert_successes, c.expert_episodes] for c in clients},
+                "train_episodes": [len(c.train_episodes) for c in clients],
+                "held_out_episodes": [len(c.held_out) for c in clients],
+                "evaluation_scenes": {"first": 1_000_000, **points},
+                "base_task": base_task.model_dump(),
+                "run_config": settings.to_flower(),
+            },
+        }
+
     work = Path(tempfile.mkdtemp(prefix="zk0-bench-learning-"))
     try:
         for method in wanted:
@@ -314,6 +339,9 @@ def main(
                 "clients": {c: {"by_round": p} for c, p in by_client.items()},
                 "wall_s": time.perf_counter() - clock,
             }
+            if json_path is not None:  # a run of hours leaves what it measured if cut short
+                json_path.parent.mkdir(parents=True, exist_ok=True)
+                json_path.write_text(json.dumps(report(complete=False), indent=2) + "\n")
     except BaseException:
         logger.error("bench learning failed; its runs and logs stay in {}", work)
         raise
@@ -322,32 +350,12 @@ def main(
     finally:
         for client in clients:
             client.close()
-    flat = {m: {"clients": {c: v["by_round"] for c, v in r["clients"].items()}}
-            for m, r in results.items()}  # fmt: skip
-    summary_keys = summarize(flat, default_mode, base_task)
-    expert = SuccessRate.of(
-        sum(c.expert_successes for c in clients), sum(c.expert_episodes for c in clients)
-    )
-    result = {
-        **summary_keys,
-        "expert_success_rate": expert.rate,
-        "wall_s": time.perf_counter() - started,
-        "methods": results,
-        "realtime_async": bench.realtime,
-        "setup": {
-            "clients": {c.name: c.options for c in clients},
-            "expert": {c.name: [c.expert_successes, c.expert_episodes] for c in clients},
-            "train_episodes": [len(c.train_episodes) for c in clients],
-            "held_out_episodes": [len(c.held_out) for c in clients],
-            "evaluation_scenes": {"first": 1_000_000, **points},
-            "base_task": base_task.model_dump(),
-            "run_config": settings.to_flower(),
-        },
-    }
+    result = report(complete=True)
     if json_path is not None:
         _chart(results, json_path.with_suffix(".png"))
+    keys = {k: v for k, v in result.items() if k not in ("methods", "realtime_async", "setup")}
     line = ", ".join(
-        f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary_keys.items()
+        f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in keys.items()
     )
     write_result(json_path, result, f"learning: {line}")
 
