@@ -7,7 +7,7 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Set before lerobot/transformers are imported anywhere: nothing may reach the Hub.
@@ -27,6 +27,25 @@ from zk0.shared.policy_factory import LoadedPolicy, build_policy  # noqa: E402
 SIM_ROBOT = REPO_ROOT / "robot_configs" / "sim_so101.yaml"
 
 torch.set_num_threads(1)
+
+
+class _Grid:
+    """Enough of a Flower Grid for a strategy's configure_*: two connected nodes."""
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2]
+
+
+GRID = cast(Any, _Grid())
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Flower's ServerApp runtime sets before a strategy builds messages (restored after)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
 
 
 @pytest.fixture(scope="session")

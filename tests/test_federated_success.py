@@ -7,15 +7,15 @@ import copy
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from loguru import logger
 
+from conftest import GRID
 from zk0.hub.history import EvalHistory
 from zk0.hub.strategy import LoRAFedAvg
 from zk0.shared.config import ConfigError
@@ -37,21 +37,6 @@ from zk0.shared.federation import (
 from zk0.shared.success import SuccessRate
 
 RUN = RunSettings(num_server_rounds=3, success_episodes=10, mid_success_episodes=4)
-
-
-class _Grid:
-    def get_node_ids(self) -> list[int]:
-        return [1, 2]
-
-
-GRID = cast(Grid, _Grid())
-
-
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What Flower's ServerApp runtime sets before a strategy builds messages (restored after)."""
-    for name in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
 
 
 @pytest.fixture

@@ -6,16 +6,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvgM
-from flwr.supercore.task_identity import TaskIdentity
 from loguru import logger
 
+from conftest import GRID
 from zk0.hub.aggregation import Arrays, ClientUpdate, aggregate
 from zk0.hub.server_optimizer import (
     OptimizerState,
@@ -94,23 +93,6 @@ def test_fedadam_matches_a_hand_computation() -> None:
 
 
 # -- through LoRAFedAvg, with real Flower messages -----------------------------------------
-
-
-class _Grid:
-    """Enough of a Grid for configure_train: two connected nodes."""
-
-    def get_node_ids(self) -> list[int]:
-        return [1, 2]
-
-
-GRID = cast(Grid, _Grid())
-
-
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What Flower's ServerApp runtime sets before a strategy builds messages (restored after)."""
-    for name in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
 
 
 def _reply(arrays: Arrays, examples: int, agent: str) -> Message:
