@@ -158,10 +158,19 @@ def _schedule(config: TrainConfig) -> Callable[[int], float]:
 
 @torch.no_grad()
 def evaluate_mse(
-    model: Any, preprocessor: Any, dataset: Any, max_frames: int = 32, seed: int = 0
+    model: Any,
+    preprocessor: Any,
+    dataset: Any,
+    max_frames: int = 32,
+    seed: int = 0,
+    *,
+    postprocessor: Any = None,
+    scale: torch.Tensor | None = None,
 ) -> tuple[float, int]:
-    """Action MSE (normalized units) of predicted vs recorded chunks on ``dataset``'s frames.
+    """Action MSE of predicted vs recorded chunks on ``dataset``'s frames, padded steps aside.
 
+    In the policy's normalized units; or, with ``postprocessor`` and a per-joint ``scale``, in
+    robot units divided by ``scale`` (comparable between policies that normalize differently).
     Frames are evenly spaced over the dataset and the noise is fixed, so the same adapter
     always gets the same number. Returns (mse, frames evaluated).
     """
@@ -177,8 +186,13 @@ def evaluate_mse(
         frame = dataset[int(index)]
         batch = preprocessor({key: value for key, value in frame.items()})
         predicted = model.predict_action_chunk(batch, noise=noise[row : row + 1].to(device))
-        target = batch[ACTION_KEY].reshape(predicted.shape)
-        valid = ~batch["action_is_pad"].reshape(1, -1, 1).expand_as(predicted)
+        if postprocessor is None:
+            target = batch[ACTION_KEY].reshape(predicted.shape)
+        else:
+            predicted = postprocessor(predicted).to(frame[ACTION_KEY].device) / scale
+            target = (frame[ACTION_KEY] / scale).reshape(predicted.shape)
+        valid = ~frame[f"{ACTION_KEY}_is_pad"].reshape(1, -1, 1).to(predicted.device)
+        valid = valid.expand_as(predicted)
         squared += float(((predicted - target) ** 2)[valid].sum())
         count += int(valid.sum())
     return squared / max(count, 1), len(indices)

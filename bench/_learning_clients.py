@@ -25,7 +25,13 @@ from zk0.agent.decoded_frames import DecodedFrames
 from zk0.agent.episode_cache import recorded
 from zk0.agent.inference.simulated import evaluate_policy, evaluation_scenes
 from zk0.agent.robots import robot_options
-from zk0.agent.training import VIDEO_BACKEND, dataset_stats, open_dataset, split_episodes
+from zk0.agent.training import (
+    VIDEO_BACKEND,
+    dataset_stats,
+    evaluate_mse,
+    open_dataset,
+    split_episodes,
+)
 from zk0.shared.config import ConfigError, RobotConfig, load_robot_config
 from zk0.shared.features import ACTION_KEY
 from zk0.shared.normalization import Stats
@@ -128,35 +134,6 @@ def training_frames(client: Client, chunk_size: int) -> DecodedFrames:
     return DecodedFrames(client.root, chunk_size, client.train_episodes)
 
 
-@torch.no_grad()
-def standardized_mse(
-    model: Any, preprocessor: Any, postprocessor: Any, client: Client, frames: int, seed: int
-) -> tuple[float, int]:
-    """Action-chunk MSE on ``frames`` frames spread over every held-out episode, in units of
-    the client's training action standard deviation; padded steps do not count."""
-    policy = model.base_model.model if hasattr(model, "base_model") else model
-    config = policy.config
-    dataset = open_dataset(client.root, config, client.held_out)
-    indices = np.linspace(0, len(dataset) - 1, num=min(frames, len(dataset))).astype(int)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(indices), config.chunk_size, config.max_action_dim, generator=generator)
-    scale = client.action_std.clamp_min(1e-6)
-    squared, count = 0.0, 0
-    model.eval()
-    for row, index in enumerate(indices):
-        frame = dataset[int(index)]
-        target = frame[ACTION_KEY]
-        normalized = model.predict_action_chunk(
-            preprocessor(dict(frame)), noise=noise[row : row + 1]
-        )
-        predicted = postprocessor(normalized)[0, : len(target)]
-        valid = ~frame[f"{ACTION_KEY}_is_pad"]
-        error = ((predicted - target) / scale)[valid]
-        squared += float((error**2).sum())
-        count += int(error.numel())
-    return squared / max(count, 1), len(indices)
-
-
 def measure(
     model: Any,
     stats: dict[str, Any],
@@ -170,7 +147,16 @@ def measure(
     """One point of ``methods.<m>.clients.<c>.by_round``: held-out MSE and success."""
     policy = model.base_model.model if hasattr(model, "base_model") else model
     preprocessor, postprocessor = make_processors(policy.config, stats)
-    mse, frames = standardized_mse(model, preprocessor, postprocessor, client, mse_frames, seed)
+    # In the client's standardized action units: methods normalize with different statistics.
+    mse, frames = evaluate_mse(
+        model,
+        preprocessor,
+        open_dataset(client.root, policy.config, client.held_out),
+        mse_frames,
+        seed,
+        postprocessor=postprocessor,
+        scale=client.action_std.clamp_min(1e-6),
+    )
     success: SuccessRate | None = None
     if episodes:
         success = evaluate_policy(

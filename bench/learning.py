@@ -180,10 +180,12 @@ class Bench:
         points: dict[str, list[Any]] = {c.name: [] for c in self.clients}
         for version in store.versions():
             stats = to_lerobot(loads((store.path(version) / NORMALIZATION_FILE).read_bytes()))
+            shared = self.fresh()  # verified and loaded once per version, not per client
+            load_adapter(shared, store.path(version))
+            personal = bool(settings.personal_rank) and version > 0
             for node, client in nodes.items():
-                model = self.fresh()
-                load_adapter(model, store.path(version))
-                if settings.personal_rank and version > 0:
+                model = copy.deepcopy(shared) if personal else shared
+                if personal:
                     # What the arm ran after round `version`: the fleet's adapter plus its own
                     # local revision of that round (the node keeps the last few).
                     part = _personal_part(
