@@ -65,16 +65,6 @@ class SimulatedReport:
     def success(self) -> SuccessRate:
         return SuccessRate.of_outcomes(e.success for e in self.episodes)
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "success": self.success.model_dump(),
-            "scenes": [e.scene for e in self.episodes],
-            "successes": [e.success for e in self.episodes],
-            "mean_steps": float(np.mean([e.steps for e in self.episodes]))
-            if self.episodes
-            else None,
-        }
-
 
 def torch_chunk_fn(model: Any, preprocessor: Any, postprocessor: Any) -> ChunkFn:
     """A ``ChunkFn`` over an in-memory policy (possibly PEFT-wrapped) and its processors."""
