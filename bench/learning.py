@@ -38,6 +38,7 @@ from loguru import logger
 from zk0.agent.inference.evaluation import base_task_stats
 from zk0.agent.training import TrainConfig, train_policy
 from zk0.bench._common import write_result
+from zk0.bench._learning_chart import chart
 from zk0.bench._learning_clients import (
     Client,
     load_variants,
@@ -354,7 +355,7 @@ def main(
             client.close()
     result = report(complete=True)
     if json_path is not None:
-        _chart(results, json_path.with_suffix(".png"))
+        chart(results, json_path.with_suffix(".png"))
     keys = {k: v for k, v in result.items() if k not in ("methods", "realtime_async", "setup")}
     line = ", ".join(
         f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in keys.items()
@@ -372,30 +373,3 @@ def _base_task_success(bench: Bench, episodes: int) -> SuccessRate:
     return evaluate_policy(
         config, bench.base.policy, pre, post, evaluation_scenes(episodes), seed=0
     ).success
-
-
-def _chart(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (success_axis, mse_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method, result in results.items():
-        clients = list(result["clients"].values())
-        rounds = [p["round"] for p in clients[0]["by_round"]]
-        mse = np.mean([[p["mse"] for p in c["by_round"]] for c in clients], axis=0)
-        mse_axis.plot(rounds, mse, marker="o", label=method)
-        with_success = [i for i, p in enumerate(clients[0]["by_round"]) if p["success"]]
-        rates = [
-            np.mean([c["by_round"][i]["success"]["rate"] for c in clients]) for i in with_success
-        ]
-        success_axis.plot([rounds[i] for i in with_success], rates, marker="o", label=method)
-    success_axis.set(title="closed-loop success (mean over clients)", xlabel="round", ylim=(0, 1))
-    mse_axis.set(title="held-out MSE (standardized)", xlabel="round", yscale="log")
-    success_axis.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    logger.info("chart: {}", json.dumps(str(path)))
