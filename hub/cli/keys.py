@@ -163,7 +163,9 @@ def keys_remove(
     if result is not None and agent_id in result.failed:
         typer.echo(f"error: unregistering it failed: {result.failed[agent_id]}", err=True)
         raise typer.Exit(1)
-    if result is not None and agent_id in result.unregistered:
+    # The end state, not this call's own work: the hub's periodic sync may have unregistered it
+    # a moment before this request reached the hub.
+    if result is not None and agent_id not in result.enrolled:
         typer.echo("unregistered from the hub's SuperLink")
 
 
