@@ -13,7 +13,10 @@ Three modes, selected by the run config's ``aggregation``:
     mean(B)·A is exactly the mean of B_i·A; A passes through unchanged.
 
 Replies are validated before they count (names, shapes, dtypes, finite values, example
-counts); a bad reply is dropped with its reason and the rest are aggregated.
+counts); a bad reply is dropped with its reason and the rest are aggregated. The hub bounds
+them first (``zk0.hub.robust``: clipped and outlying updates, capped example counts) and calls
+the weighted forms here (:func:`weighted_sum`, :func:`svd_of_weighted_products`). Products
+are formed in float64: replies of 1e30 must not overflow into inf or NaN factors.
 """
 
 from __future__ import annotations
@@ -61,16 +64,20 @@ def _weights(updates: list[ClientUpdate]) -> NDArray[np.float64]:
     return weights
 
 
-def fedavg(updates: list[ClientUpdate]) -> Arrays:
-    """Example-weighted mean of every tensor (accumulated in float64)."""
-    weights = _weights(updates)
+def weighted_sum(arrays: list[Arrays], weights: NDArray[np.float64]) -> Arrays:
+    """Σ weight_i·arrays_i per tensor, accumulated in float64, in the first one's dtype."""
     averaged: Arrays = {}
-    for name, first in updates[0].arrays.items():
+    for name, first in arrays[0].items():
         total = np.zeros(first.shape, dtype=np.float64)
-        for weight, update in zip(weights, updates, strict=True):
-            total += weight * update.arrays[name]
+        for weight, values in zip(weights, arrays, strict=True):
+            total += weight * values[name]
         averaged[name] = total.astype(first.dtype)
     return averaged
+
+
+def fedavg(updates: list[ClientUpdate]) -> Arrays:
+    """Example-weighted mean of every tensor (accumulated in float64)."""
+    return weighted_sum([u.arrays for u in updates], _weights(updates))
 
 
 def lora_pairs(names: list[str]) -> list[tuple[str, str]]:
@@ -87,24 +94,34 @@ def lora_pairs(names: list[str]) -> list[tuple[str, str]]:
 
 def svd_of_products(updates: list[ClientUpdate]) -> Arrays:
     """Weighted mean of B_i·A_i per module, truncated back to rank r."""
-    weights = _weights(updates)
-    names = list(updates[0].arrays)
+    return svd_of_weighted_products([u.arrays for u in updates], _weights(updates))
+
+
+def lora_only_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """:func:`lora_pairs`, refusing any tensor that is not part of a pair (svd needs pairs)."""
     pairs = lora_pairs(names)
     if {name for pair in pairs for name in pair} != set(names):
         raise ValueError("svd aggregation expects only lora_A/lora_B tensors")
+    return pairs
+
+
+def svd_of_weighted_products(arrays: list[Arrays], weights: NDArray[np.float64]) -> Arrays:
+    """Σ weight_i·B_i·A_i per module, truncated back to rank r (float64: no overflow)."""
+    pairs = lora_only_pairs(list(arrays[0]))
     result: Arrays = {}
     for a_name, b_name in pairs:
-        rank = updates[0].arrays[a_name].shape[0]
+        rank = arrays[0][a_name].shape[0]
         # ΔW = Σ w_i B_i A_i = [w_1 B_1 … w_n B_n] · [A_1; …; A_n]: one matmul, not n of them.
-        scaled_b = [w * u.arrays[b_name] for w, u in zip(weights, updates, strict=True)]
-        stacked_b = np.concatenate(scaled_b, axis=1).astype(np.float32)
-        stacked_a = np.concatenate([u.arrays[a_name] for u in updates], axis=0)
-        delta = (stacked_b @ stacked_a).astype(np.float64)
-        result[b_name], result[a_name] = _rank_r_factors(delta, rank)
+        scaled_b = [
+            w * np.asarray(x[b_name], np.float64) for w, x in zip(weights, arrays, strict=True)
+        ]
+        stacked_a = np.concatenate([np.asarray(x[a_name], np.float64) for x in arrays], axis=0)
+        delta = np.concatenate(scaled_b, axis=1) @ stacked_a
+        result[b_name], result[a_name] = rank_r_factors(delta, rank)
     return result
 
 
-def _rank_r_factors(
+def rank_r_factors(
     delta: NDArray[np.float64], rank: int
 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """(B, A) with B·A the best rank-r approximation of ``delta`` (B = U√S, A = √S·Vᵀ).
@@ -129,7 +146,11 @@ def _rank_r_factors(
 
 def ffa(updates: list[ClientUpdate], reference: Arrays) -> Arrays:
     """Average B; keep the frozen, shared A (clients that changed A are refused earlier)."""
-    averaged = fedavg(updates)
+    return with_frozen_a(fedavg(updates), reference)
+
+
+def with_frozen_a(averaged: Arrays, reference: Arrays) -> Arrays:
+    """``averaged`` with every lora_A taken from ``reference`` (FFA-LoRA's frozen A)."""
     return {name: reference[name] if ".lora_A." in name else averaged[name] for name in averaged}
 
 

@@ -6,7 +6,8 @@
   subscriber and every heartbeat (XPUB rather than PUB so that late joiners get the state at
   once and junk sent upstream is seen and logged);
 * a ROUTER socket answers statuses with the latest version and serves manifests and chunks of
-  any stored version (``zk0.hub.serving``);
+  any stored version (``zk0.hub.serving``), with a bounded queue per connection: an agent that
+  does not read its replies has its requests dropped, never buffered (``zk0.hub.replies``);
 * CURVE on both, with a ZAP handler on the same context that admits only keys in the live
   allow-list; each ROUTER message's ZAP User-Id is checked again, so removing a key cuts an
   agent off without a restart (the XPUB is rebound so its subscription is dropped too).
@@ -29,6 +30,7 @@ import zmq.auth.thread
 from loguru import logger
 
 from zk0.hub.fleet import FLEET_FILE, AgentRecord, FleetTable
+from zk0.hub.replies import BATCH, ReplyRouter, bound_queues, user_id
 from zk0.hub.serving import FaultLog, FetchService, ServedVersion, VersionCache, ZapPolicy
 from zk0.shared.artifact import Manifest
 from zk0.shared.config import HubConfig, HubKeys
@@ -40,12 +42,11 @@ from zk0.shared.distribution.keys import (
     load_public_key,
     require_curve,
 )
+from zk0.shared.distribution.limits import DistributionLimits
 from zk0.shared.store import CURRENT, AdapterStore
 
 _LOOP_TICK_S = 0.2
 _BIND_RETRY_S = 3.0
-#: Messages handled per socket per loop turn, so that a flood never starves the heartbeat.
-_BATCH = 100
 
 
 class DistributionError(ValueError):
@@ -64,8 +65,10 @@ class DistributionServer:
         heartbeat_s: float = 1.0,
         insecure: bool = False,
         fleet_file: Path | None = None,
+        limits: DistributionLimits | None = None,
     ) -> None:
         """Port 0 picks a free port (see ``publish_port``/``fetch_port`` after ``start``);
+        ``limits`` bound the ROUTER's queues per connection (default ``DistributionLimits()``);
         ``insecure`` (no CURVE) is for the benchmark's comparison only."""
         if keys is None and not insecure:
             raise ValueError("the hub config has no keys: section; CURVE keys are required")
@@ -80,6 +83,8 @@ class DistributionServer:
         self.service = FetchService(
             self.cache, self.fleet, self.faults, self.allow_list, lambda: self._offer(p.Latest)
         )
+        self.limits = limits or DistributionLimits()
+        self.replies = ReplyRouter(self.service, self.faults, self.limits, curve=keys is not None)
         self._announced: ServedVersion | None = None
         self._current_stamp: tuple[int, int, int] | None = None
         self._admitted: dict[bytes, str] = {}
@@ -99,6 +104,7 @@ class DistributionServer:
             publish_port=config.publish_port,
             fetch_port=config.fetch_port,
             heartbeat_s=config.heartbeat_s,
+            limits=config.distribution_limits,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -184,7 +190,7 @@ class DistributionServer:
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         if kind == zmq.ROUTER:
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies raise, never block
+            bound_queues(sock, self.limits)
         else:
             sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every new subscriber, not just the first
         if self.keys is not None:
@@ -247,7 +253,7 @@ class DistributionServer:
                     while self._sockets["wake_rx"].poll(0):
                         self._sockets["wake_rx"].recv()
                 if self._sockets["router"] in events:
-                    self._drain_router()
+                    self.replies.drain(self._sockets["router"])
                 if self._sockets.get("xpub") in events:
                     announce = self._drain_xpub()
                 announce = self._check_current() or announce
@@ -349,7 +355,7 @@ class DistributionServer:
     def _drain_xpub(self) -> bool:
         """Upstream traffic: subscriptions (announce at once for the newcomer) or junk (a fault)."""
         announce = False
-        for _ in range(_BATCH):
+        for _ in range(BATCH):
             try:
                 frames = self._sockets["xpub"].recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -358,32 +364,7 @@ class DistributionServer:
             if len(frames) == 1 and first[:1] == b"\x01":
                 announce = True
             elif len(frames) != 1 or first[:1] != b"\x00":
-                _, source = self.service.source(_user_id(frames[0]))
+                _, source = self.service.source(user_id(frames[0]))
                 message = f"{len(frames)} unexpected frame(s) sent to the PUB socket"
                 self.faults.record("publish", source, message)
         return announce
-
-    def _drain_router(self) -> None:
-        router = self._sockets["router"]
-        for _ in range(_BATCH):
-            try:
-                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            if len(frames) < 2:
-                continue
-            user = _user_id(frames[1]) if self.keys is not None else None
-            reply = self.service.handle([f.bytes for f in frames[1:]], user)
-            try:
-                router.send_multipart([frames[0].bytes, *reply], zmq.NOBLOCK)
-            except zmq.ZMQError as error:  # peer gone or its queue full: it asks again
-                logger.debug("reply dropped: {}", error)
-
-
-def _user_id(frame: zmq.Frame) -> str | None:
-    """The ZAP User-Id libzmq attached to a received frame (the client's z85 public key)."""
-    try:
-        value = frame.get("User-Id")
-    except zmq.ZMQError:
-        return None
-    return value if isinstance(value, str) and value else None

@@ -34,6 +34,13 @@ from zk0.hub.aggregation import Arrays
 from zk0.hub.history import EvalHistory
 from zk0.hub.server_optimizer import OptimizerState, load_state, run_key, save_state, state_path
 from zk0.hub.strategy import LoRAFedAvg, agent_of, to_numpy, to_record
+from zk0.shared.adapter_bounds import (
+    BoundsVerdict,
+    NormHistory,
+    Norms,
+    base_weight_norms,
+    check_adapter,
+)
 from zk0.shared.artifact import TENSORS_FILE, ArtifactError, save_adapter, save_adapter_arrays
 from zk0.shared.config import load_robot_config
 from zk0.shared.features import PolicyFeatures
@@ -47,7 +54,14 @@ from zk0.shared.federation import (
 )
 from zk0.shared.logs import new_run_dir, setup_logging
 from zk0.shared.lora import adapter_state, apply_lora
-from zk0.shared.normalization import NORMALIZATION_FILE, Stats, combine_all, dumps, loads
+from zk0.shared.normalization import (
+    NORMALIZATION_FILE,
+    Stats,
+    combine_all,
+    dumps,
+    loads,
+    select_robust_stats,
+)
 from zk0.shared.policy_factory import build_policy, resolve_base
 from zk0.shared.store import AdapterStore
 
@@ -55,7 +69,13 @@ app = ServerApp()
 
 
 class Publisher:
-    """Turns aggregated arrays into verified store versions (the hub's half of the artifact)."""
+    """Turns aggregated arrays into verified store versions (the hub's half of the artifact).
+
+    A version is stored only if its adapter keeps the run's ``adapter_bounds``
+    (``zk0.shared.adapter_bounds``) against the base's weights and the stored versions' norms;
+    one that does not is logged with its reason and not stored, and the previous version stays
+    current. The strategy asks :meth:`out_of_bounds` first, so such arrays are not trained on.
+    """
 
     def __init__(self, settings: RunSettings, store: AdapterStore) -> None:
         self.features = PolicyFeatures.from_robot_config(
@@ -65,6 +85,10 @@ class Publisher:
         self.base = resolve_base(settings.policy, self.features)
         self.lora = settings.lora
         self.store = store
+        self.bounds = settings.adapter_bounds
+        self._base_norms: Norms | None = None  # read from the base checkpoint on first use
+        self._base_norms_read = False
+        self._norms = NormHistory()  # per stored artifact, so each publish reads only its own
 
     def fresh_adapter(self, stats: Stats) -> tuple[int, Arrays]:
         """Version 0: a freshly initialised adapter carrying the shared normalization. The
@@ -92,9 +116,19 @@ class Publisher:
         round_: int | None,
         metrics: dict[str, Any],
     ) -> int:
-        """A new version: ``parent``'s adapter with the aggregated ``arrays``."""
+        """A new version: ``parent``'s adapter with the aggregated ``arrays``; ``parent`` again
+        (nothing stored) when ``arrays`` break the bounds."""
+        verdict = self._verdict(arrays)
+        if verdict.reason is not None:
+            logger.error(
+                "round {}: the aggregated adapter is not stored ({}); version {} stays current",
+                round_,
+                verdict.reason,
+                parent,
+            )
+            return parent
         with self.store.allocate() as (version, path):
-            save_adapter_arrays(
+            manifest = save_adapter_arrays(
                 self.store.path(parent),
                 path,
                 arrays,
@@ -104,8 +138,28 @@ class Publisher:
                 metrics=metrics,
                 extra_files={NORMALIZATION_FILE: dumps(stats)},
             )
+        self._norms.remember(manifest.artifact_id, verdict.norms)
         self._announce(version, round_)
         return version
+
+    def out_of_bounds(self, arrays: Arrays) -> str | None:
+        """Why ``arrays`` may not become a version (one line), or None."""
+        return self._verdict(arrays).reason
+
+    def _verdict(self, arrays: Arrays) -> BoundsVerdict:
+        if not self._base_norms_read:
+            self._base_norms_read = True
+            try:
+                self._base_norms = base_weight_norms(self.base)
+            except (ArtifactError, OSError, ValueError) as error:  # the run goes on, less checked
+                logger.error(
+                    "base weights of {} unreadable ({}): rho is not checked", self.base.spec, error
+                )
+        latest = self.store.latest_version()
+        previous = self._norms.previous(self.store, below=latest + 1) if latest is not None else []
+        return check_adapter(
+            arrays, self.lora.alpha / self.lora.rank, self.bounds, self._base_norms, previous
+        )
 
     def _announce(self, version: int, round_: int | None) -> None:
         manifest = self.store.set_current(version)
@@ -144,26 +198,44 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
     return nodes
 
 
-def gather_stats(grid: Grid, nodes: list[int], timeout_s: float) -> Stats:
-    """Ask every node for its feature statistics (never samples) and combine them exactly."""
+def gather_stats(grid: Grid, nodes: list[int], timeout_s: float, settings: RunSettings) -> Stats:
+    """Ask every node for its feature statistics (never samples) and combine them, bounded.
+
+    Self-reported, so bounded before they are combined (``zk0.shared.normalization``): each
+    agent's count capped to ``max-client-share`` of the total, and with three agents or more
+    one whose mean or std lies more than ``stats-outlier-z`` robust z-scores from the others'
+    dropped; each with a log line naming the agent.
+    """
     messages = [
         Message(
             RecordDict({CONFIG_KEY: ConfigRecord({"request": "stats"})}), node, MessageType.QUERY
         )
         for node in nodes
     ]
-    per_client: list[Stats] = []
+    per_agent: dict[str, Stats] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout_s):
         agent = agent_of(reply)
         try:
             if reply.has_error():
                 raise ValueError(reply.error.reason)
-            per_client.append(loads(bytes(reply.content[STATS_KEY][NORMALIZATION])))  # type: ignore[arg-type]
+            if agent in per_agent:
+                raise ValueError("a second reply from the same agent")
+            per_agent[agent] = loads(bytes(reply.content[STATS_KEY][NORMALIZATION]))  # type: ignore[arg-type]
         except (KeyError, ValueError) as error:
             logger.warning("statistics from {} dropped: {}", agent, error)
-    combined = combine_all(per_client)
+    selected, notes = select_robust_stats(
+        per_agent, settings.max_client_share, settings.stats_outlier_z
+    )
+    for agent, note in notes.items():
+        logger.warning(
+            "statistics from {} {}: {}",
+            agent,
+            "bounded" if note.startswith("count capped") else "dropped",
+            note,
+        )
+    combined = combine_all(selected)
     logger.info(
-        "shared normalization from {} agents, {} frames", len(per_client), combined["action"].count
+        "shared normalization from {} agents, {} frames", len(selected), combined["action"].count
     )
     return combined
 
@@ -180,7 +252,7 @@ def main(grid: Grid, context: Context) -> None:
     nodes = wait_for_nodes(grid, settings.min_nodes, settings.round_timeout_s)
     start = publisher.starting_point()
     if start is None:
-        stats = gather_stats(grid, nodes, settings.round_timeout_s)
+        stats = gather_stats(grid, nodes, settings.round_timeout_s, settings)
         version, fresh = publisher.fresh_adapter(stats)
         start = (version, 0, fresh, stats)
     version, first_round, arrays, stats = start
@@ -205,6 +277,8 @@ def main(grid: Grid, context: Context) -> None:
         optimizer=settings,
         optimizer_state=optimizer_state,
         success_episodes=settings.success_episodes_at,
+        robust=settings,
+        accept=publisher.out_of_bounds,
         fraction_train=settings.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=settings.min_nodes,

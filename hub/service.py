@@ -177,6 +177,7 @@ class HubService:
             publish_port=config.publish_port,
             fetch_port=config.fetch_port,
             heartbeat_s=config.heartbeat_s,
+            limits=config.distribution_limits,
         ).start()
 
     def _shutdown(self) -> None:

@@ -3,11 +3,15 @@
 Flower's FedAvg refuses a whole round when one reply is inconsistent; on a fleet of arms one
 misbehaving node must not cost everyone the round. Here every reply is validated on its own
 (names, shapes, dtypes, finite values, example count; for FFA-LoRA an unchanged A) and a bad
-reply is dropped with a log line naming the agent, while the rest are aggregated by the pure
-functions of ``zk0.hub.aggregation``, then, if the run asks for one, a server optimizer
+reply is dropped with a log line naming the agent, while the rest are aggregated robustly by the
+pure functions of ``zk0.hub.robust`` (an update far from the fleet's median update is dropped,
+one too large clipped, an inflated example count capped, each with a log line naming the agent)
+and ``zk0.hub.aggregation``, then, if the run asks for one, a server optimizer
 (FedAvgM, FedAdam: ``zk0.hub.server_optimizer``) steps from the round's starting adapter towards
-that aggregate. The strategy also keeps what the hub reports per round: bytes sent and received,
-dropped agents, and each agent's evaluation MSE and closed-loop success keyed by agent id.
+that aggregate. Should aggregating still fail (any error of those pure functions), the round
+keeps the previous global adapter with a logged reason and the run goes on. The strategy also
+keeps what the hub reports per round: bytes sent and received, dropped and clipped agents, and
+each agent's evaluation MSE and closed-loop success keyed by agent id.
 
 Each evaluate message asks for that round's closed-loop episodes (``success_episodes``, a
 function of the round). A reply's success counts are bounded on their own: ints with
@@ -29,14 +33,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from loguru import logger
 
-from zk0.hub.aggregation import (
-    Arrays,
-    ClientUpdate,
-    Mode,
-    aggregate,
-    ffa_violation,
-    validate_update,
-)
+from zk0.hub.aggregation import Arrays, ClientUpdate, Mode, ffa_violation, validate_update
+from zk0.hub.robust import AggregationError, RobustSettings, robust_aggregate
 from zk0.hub.server_optimizer import OptimizerSettings, OptimizerState
 from zk0.hub.server_optimizer import step as server_step
 from zk0.shared.federation import (
@@ -49,6 +47,7 @@ from zk0.shared.federation import (
     SUCCESS_EPISODES,
     SUCCESS_EPISODES_ASKED,
     TRAIN_SECONDS,
+    RunSettings,
 )
 from zk0.shared.success import SuccessRate
 
@@ -78,6 +77,10 @@ class RoundReport:
     slowest_train_s: float = 0.0
     trained: list[str] = field(default_factory=list)
     dropped: dict[str, str] = field(default_factory=dict)
+    #: Agents whose replies counted within bounds (update norm clipped, weight capped), and why.
+    clipped: dict[str, str] = field(default_factory=dict)
+    #: Why the round kept the previous global adapter although replies arrived (None: it did not).
+    aggregation_failed: str | None = None
     eval_mse: dict[str, float] = field(default_factory=dict)
     eval_examples: dict[str, int] = field(default_factory=dict)
     #: Closed-loop episodes this round asked of each agent (0: none).
@@ -115,6 +118,9 @@ class LoRAFedAvg(FedAvg):
     e.g. after a hub restart) add a server optimizer; ``optimizer_state`` is the state after the
     last aggregated round, for the caller to save. None (or ``server-optimizer: none``): plain.
     ``success_episodes(round)``: closed-loop episodes each evaluation of that round asks for.
+    ``robust``: the bounds of ``zk0.hub.robust`` (None: ``RunSettings``' defaults).
+    ``accept(arrays)``: why a round's aggregate may not become the global adapter, or None
+    (the hub's adapter bounds); refused, the round keeps the previous adapter.
     """
 
     def __init__(
@@ -124,10 +130,14 @@ class LoRAFedAvg(FedAvg):
         optimizer: OptimizerSettings | None = None,
         optimizer_state: OptimizerState | None = None,
         success_episodes: Callable[[int], int] = _no_episodes,
+        robust: RobustSettings | None = None,
+        accept: Callable[[Arrays], str | None] | None = None,
         **fedavg_options: object,
     ) -> None:
         super().__init__(**fedavg_options)  # type: ignore[arg-type]
         self.aggregation = aggregation
+        self.robust: RobustSettings = robust if robust is not None else RunSettings()
+        self.accept = accept
         self.success_episodes = success_episodes
         self.optimizer: OptimizerSettings | None = None
         self.optimizer_state: OptimizerState | None = None
@@ -172,6 +182,9 @@ class LoRAFedAvg(FedAvg):
             reason, update = self._check_train_reply(message, agent, reference)
             if update is not None:
                 report.bytes_received += message.content[ARRAYS_KEY].count_bytes()
+            if reason is None and agent in report.trained:
+                # One agent, one vote: a node claiming another's id must not count twice.
+                reason = "a second reply under the same agent id"
             if reason is not None or update is None:
                 report.dropped[agent] = reason or "no update"
                 logger.warning("round {}: dropped reply from {}: {}", server_round, agent, reason)
@@ -187,22 +200,51 @@ class LoRAFedAvg(FedAvg):
                 "round {}: no valid replies; the global adapter stays as it was", server_round
             )
             return None, None
-        merged = aggregate(self.aggregation, updates, reference)
-        if self.optimizer is not None and self.optimizer_state is not None:
-            merged, self.optimizer_state = server_step(
-                reference, merged, self.optimizer_state, self.optimizer
+        try:
+            result = robust_aggregate(self.aggregation, updates, reference, self.robust)
+            merged, optimizer_state = result.arrays, self.optimizer_state
+            if self.optimizer is not None and optimizer_state is not None:
+                merged, optimizer_state = server_step(
+                    reference, merged, optimizer_state, self.optimizer
+                )
+            if self.accept is not None and (why := self.accept(merged)) is not None:
+                raise AggregationError(f"the aggregate is out of bounds: {why}")
+        # Whatever the maths raises (LinAlgError, overflow, a bug), one round's replies must
+        # not end the run: the fleet keeps the adapter it has, and nothing is published.
+        except Exception as error:
+            report.aggregation_failed = f"{type(error).__name__}: {error}"
+            report.trained.clear()
+            logger.error(
+                "round {}: aggregation failed, the global adapter stays as it was: {}",
+                server_round,
+                report.aggregation_failed,
             )
+            return None, None
+        self.optimizer_state = optimizer_state
+        for agent, reason in result.rejected.items():
+            report.dropped[agent] = reason
+            report.trained.remove(agent)
+            logger.warning("round {}: dropped reply from {}: {}", server_round, agent, reason)
+        for agent, reason in result.clipped.items():
+            report.clipped[agent] = reason
+            logger.warning("round {}: bounded reply from {}: {}", server_round, agent, reason)
+        counted = [
+            content
+            for content, update in zip(accepted, updates, strict=True)
+            if update.client not in result.rejected
+        ]
         logger.info(
-            "round {}: aggregated {} replies ({}{}), dropped {}",
+            "round {}: aggregated {} replies ({}{}), dropped {}, bounded {}",
             server_round,
-            len(updates),
+            len(counted),
             self.aggregation,
             f", {self.optimizer_state.kind} step {self.optimizer_state.step}"
             if self.optimizer_state is not None
             else "",
             sorted(report.dropped) or "none",
+            sorted(report.clipped) or "none",
         )
-        return to_record(merged), aggregate_metricrecords(accepted, self.weighted_by_key)
+        return to_record(merged), aggregate_metricrecords(counted, self.weighted_by_key)
 
     def _check_train_reply(
         self, message: Message, agent: str, reference: Arrays

@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import shutil
-import struct
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,12 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from zk0.shared.fsutil import publish_dir, sha256_file, staging_dir_for
 from zk0.shared.lora import LoraSpec, adapter_state, load_adapter_state
 from zk0.shared.policy_factory import BaseRef
+from zk0.shared.safetensors_file import SafetensorsError, TensorEntry, safetensors_header
 
 FORMAT = "zk0-adapter/1"
 MANIFEST = "manifest.json"
 ID_FILE = "manifest.json.sha256"
 TENSORS_FILE = "adapter_model.safetensors"
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 Metric = int | float | str | bool | None
 
 
@@ -43,16 +42,16 @@ class ArtifactError(ValueError):
     """An artifact is missing, tampered with, truncated or built for another base."""
 
 
+class ArtifactContentError(ArtifactError):
+    """The artifact's bytes are the ones its id names, yet what they hold is unusable (a
+    malformed tensor header, tensors unlike the manifest's or this model's, another base):
+    fetching it again gives the same answer, so an agent refuses it for good."""
+
+
 class FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
-
-
-class TensorEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    shape: tuple[int, ...]
-    dtype: str
 
 
 class BaseEntry(BaseModel):
@@ -90,26 +89,6 @@ class Manifest(BaseModel):
 
 def canonical_json(value: Any) -> bytes:
     return (json.dumps(value, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode()
-
-
-def safetensors_header(path: Path) -> dict[str, TensorEntry]:
-    """Tensor names, shapes and dtypes from a safetensors header, without loading tensors."""
-    with path.open("rb") as handle:
-        raw_length = handle.read(8)
-        if len(raw_length) != 8:
-            raise ArtifactError(f"{path}: truncated safetensors header")
-        (length,) = struct.unpack("<Q", raw_length)
-        if length > MAX_SAFETENSORS_HEADER:
-            raise ArtifactError(f"{path}: safetensors header of {length} bytes is implausible")
-        try:
-            header = json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ArtifactError(f"{path}: safetensors header is not valid JSON") from None
-    header.pop("__metadata__", None)
-    return {
-        name: TensorEntry(shape=tuple(info["shape"]), dtype=info["dtype"])
-        for name, info in sorted(header.items())
-    }
 
 
 @contextlib.contextmanager
@@ -303,17 +282,24 @@ def verify_artifact(
             raise ArtifactError(f"{path}: {size} bytes, manifest says {entry.size} (truncated?)")
         if sha256_file(path) != entry.sha256:
             raise ArtifactError(f"{path}: sha256 differs from the manifest (corrupted or tampered)")
+    # Every byte hashed to the manifest: from here on, what is wrong is the content itself.
     if TENSORS_FILE not in manifest.files:
-        raise ArtifactError(f"{folder}: the manifest lists no {TENSORS_FILE}")
-    if safetensors_header(folder / TENSORS_FILE) != manifest.tensors:
-        raise ArtifactError(f"{folder}: tensors in {TENSORS_FILE} differ from the manifest")
+        raise ArtifactContentError(f"{folder}: the manifest lists no {TENSORS_FILE}")
+    try:
+        header = safetensors_header(folder / TENSORS_FILE)
+    except SafetensorsError as error:
+        raise ArtifactContentError(str(error)) from None
+    if header != manifest.tensors:
+        raise ArtifactContentError(f"{folder}: tensors in {TENSORS_FILE} differ from the manifest")
     if base is not None and manifest.base.id != base.base_id:
-        raise ArtifactError(
+        raise ArtifactContentError(
             f"{folder}: built on base {manifest.base.id}, not on {base.spec} ({base.base_id})"
         )
     if expected_tensors is not None and manifest.tensors != expected_tensors:
         names = sorted(set(manifest.tensors) ^ set(expected_tensors))
-        raise ArtifactError(f"{folder}: adapter tensors do not fit this model (e.g. {names[:2]})")
+        raise ArtifactContentError(
+            f"{folder}: adapter tensors do not fit this model (e.g. {names[:2]})"
+        )
     return manifest
 
 

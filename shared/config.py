@@ -10,10 +10,12 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from zk0.shared.validation import describe
+from zk0.shared.adapter_bounds import AdapterBounds
+from zk0.shared.distribution.limits import DistributionLimits
+from zk0.shared.validation import ConfigError as ConfigError
+from zk0.shared.validation import load_yaml_model
 
 #: LeRobot's convention for SmolVLA checkpoints: cameras feed these keys, missing ones are
 #: declared as ``empty_cameras``. The tiny bases use camera1 = front, camera2 = wrist.
@@ -34,10 +36,6 @@ SO_ARM_JOINTS = (
     "wrist_roll",
     "gripper",
 )
-
-
-class ConfigError(ValueError):
-    """A configuration file or value is invalid; the message is one line naming file and field."""
 
 
 class StrictModel(BaseModel):
@@ -171,6 +169,9 @@ class AgentConfig(AgentCompute):
     #: The daemon's local control socket (its CLI and its ClientApp); default
     #: ``<data_root>/agent.sock``.
     control_socket: Path | None = None
+    distribution_limits: DistributionLimits = Field(default_factory=DistributionLimits)
+    #: How far a version may move the base before the agent refuses to run it.
+    adapter_bounds: AdapterBounds = AdapterBounds()
 
     def load_robot_config(self) -> RobotConfig:
         return load_robot_config(self.robot_config)
@@ -283,6 +284,7 @@ class HubConfig(StrictModel):
     #: The daemon's control socket (``zk0-hub status``); default ``<state dir>/hub.sock``.
     control_socket: Path | None = None
     runs: RunsConfig = Field(default_factory=RunsConfig)
+    distribution_limits: DistributionLimits = Field(default_factory=DistributionLimits)
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> Self:
@@ -298,59 +300,6 @@ class HubConfig(StrictModel):
     @property
     def control_socket_path(self) -> Path:
         return self.control_socket or self.hub_state_dir / "hub.sock"
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """YAML loader that refuses duplicate keys (PyYAML silently keeps the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_yaml_model[M: BaseModel](path: Path, model: type[M]) -> M:
-    """Load ``path`` into ``model``; relative paths inside resolve against the file's folder."""
-    path = Path(path)
-    try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, not a YAML file") from None
-    except UnicodeDecodeError as error:
-        raise ConfigError(
-            f"{path}: not a UTF-8 text file (byte {error.start}); is it the right file?"
-        ) from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or "not valid YAML"
-        raise ConfigError(f"{path}:{where}: {problem}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    try:
-        loaded = model.model_validate(raw, context={"base_dir": path.parent})
-    except ValidationError as error:
-        raise ConfigError(f"{path}: {describe(error)}") from None
-    return _resolve_paths(loaded, path.parent.resolve())
-
-
-def _resolve_paths[M: BaseModel](model: M, base_dir: Path) -> M:
-    updates: dict[str, Any] = {}
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        if isinstance(value, Path) and not value.is_absolute():
-            updates[name] = base_dir / value
-        elif isinstance(value, BaseModel):
-            updates[name] = _resolve_paths(value, base_dir)
-    return model.model_copy(update=updates) if updates else model
 
 
 #: The robot configs shipped in the package (``robot_configs/`` in the source tree).

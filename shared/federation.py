@@ -16,8 +16,9 @@ from copy import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 
+from zk0.shared.adapter_bounds import AdapterBounds
 from zk0.shared.config import (
     AGENT_ID_PATTERN,
     DEFAULT_ROBOT_CONFIG,
@@ -97,9 +98,9 @@ def _help(text: str) -> Any:
     return Field(description=text)
 
 
-def _lora_field(name: str) -> Any:
-    """A field declared as ``LoraSpec``'s ``name`` is (default, bounds and help)."""
-    return copy(LoraSpec.model_fields[name])
+def _field_of(model: type[BaseModel], name: str) -> Any:
+    """A field declared as ``model``'s ``name`` is (default, bounds and help): one declaration."""
+    return copy(model.model_fields[name])
 
 
 class RunSettings(FlowerSettings):
@@ -122,6 +123,66 @@ class RunSettings(FlowerSettings):
     aggregation: Annotated[
         Literal["fedavg", "svd", "ffa"], _help("How client adapters are merged.")
     ] = "fedavg"
+    # Robust aggregation (zk0.hub.robust), for every mode: replies are scored by their update's
+    # norm and distance to the fleet's median update, clipped, rejected, their self-reported
+    # example counts capped; the shared normalization statistics get the same count cap and
+    # outlier test. The defaults leave honest replies of comparable size untouched.
+    clip_norm_factor: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=1000,
+            description="Clip a reply's update norm to this many times the median reply's "
+            "(0: off; >= 2 never clips either of two replies).",
+        ),
+    ] = 3.0
+    reject_distance_factor: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=1000,
+            description="Drop a reply (3 or more) whose update lies farther from the fleet's "
+            "median update than this many times the typical distance (0: off, else >= 2, "
+            "which always keeps the majority).",
+        ),
+    ] = 4.0
+    order_statistic: Annotated[
+        Literal["none", "trimmed-mean", "median"],
+        _help(
+            "Combine replies coordinate-wise by a trimmed mean or median, ignoring example "
+            "counts, for fleets that expect faulty arms (none: the mode's weighted mean)."
+        ),
+    ] = "none"
+    trim_fraction: Annotated[
+        float,
+        Field(
+            ge=0,
+            lt=0.5,
+            description="Share of replies the trimmed mean drops at each end, per coordinate.",
+        ),
+    ] = 0.3
+    max_client_share: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=1,
+            description="Largest share of a round's weight (and of the shared statistics' "
+            "count) one agent's example count can claim; binding with 2/share agents or more, "
+            "else twice the equal share 2/agents (two agents weigh as reported).",
+        ),
+    ] = 0.25
+    stats_outlier_z: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="Drop an agent's normalization statistics (3 or more agents) whose mean "
+            "or std lies more than this many robust z-scores from the others' (0: off).",
+        ),
+    ] = 10.0
+    # What the hub stores (zk0.shared.adapter_bounds): a merged adapter out of these bounds is
+    # neither published nor trained on; the round keeps the previous adapter.
+    max_relative_norm: float = _field_of(AdapterBounds, "max_relative_norm")
+    max_growth: float = _field_of(AdapterBounds, "max_growth")
     # The server optimizer on the aggregated delta (zk0.hub.server_optimizer), with Flower's
     # update rules: FedAvgM (server_learning_rate, server_momentum), FedAdam (eta, beta_1,
     # beta_2, tau). One η for both: each optimizer reads only its own fields.
@@ -150,9 +211,9 @@ class RunSettings(FlowerSettings):
         float, Field(gt=0, le=1, description="FedAdam's adaptivity τ, added to √v.")
     ] = 1e-3
     # LoraSpec's own fields (default, bounds, help), flat as Flower's run config needs them.
-    lora_rank: int = _lora_field("rank")
-    lora_alpha: float = _lora_field("alpha")
-    lora_dropout: float = _lora_field("dropout")
+    lora_rank: int = _field_of(LoraSpec, "rank")
+    lora_alpha: float = _field_of(LoraSpec, "alpha")
+    lora_dropout: float = _field_of(LoraSpec, "dropout")
     # Personalized mode (zk0.agent.personal_round): every arm also trains a local LoRA adapter
     # (alpha = 2 x rank) that never leaves it; the shared adapter is aggregated as without it.
     personal_rank: Annotated[
@@ -208,6 +269,15 @@ class RunSettings(FlowerSettings):
             )
         return value
 
+    @field_validator("reject_distance_factor")
+    @classmethod
+    def _rejection_keeps_the_majority(cls, value: float) -> float:
+        # Fewer than half the replies lie above twice their median distance: below 2, the
+        # honest majority itself could be dropped.
+        if 0 < value < 2:
+            raise ValueError(f"must be 0 (off) or at least 2, got {value:g}")
+        return value
+
     def success_episodes_at(self, server_round: int) -> int:
         """Closed-loop episodes round ``server_round`` asks of each agent (0 = start)."""
         if server_round in (0, self.num_server_rounds):
@@ -229,6 +299,10 @@ class RunSettings(FlowerSettings):
     @property
     def lora(self) -> LoraSpec:
         return LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout)
+
+    @property
+    def adapter_bounds(self) -> AdapterBounds:
+        return AdapterBounds(max_relative_norm=self.max_relative_norm, max_growth=self.max_growth)
 
     @property
     def robot_config_path(self) -> Path:

@@ -5,6 +5,7 @@ Layout::
     <root>/versions/<v>/     one artifact per version (see ``zk0.shared.artifact``)
     <root>/current.json      {"version": v, "artifact_id": "<sha256>"}, switched atomically
     <root>/store.lock        held while a version number is allocated or a pointer moves
+    <root>/refused.json      versions an agent refused for their content, with the reason
 
 Hub and agents both use it: the hub allocates versions for what its rounds produce; agents
 install the versions they fetch under the hub's numbers. Versions are immutable once written,
@@ -25,6 +26,10 @@ from zk0.shared.artifact import ArtifactError, Manifest, read_manifest, verify_a
 from zk0.shared.fsutil import atomic_write_bytes, file_lock, publish_dir, staging_dir_for
 
 CURRENT = "current.json"
+REFUSED = "refused.json"
+#: The refused list keeps the newest entries only: versions only grow, so an old refusal stops
+#: mattering once a newer version is current.
+MAX_REFUSED = 64
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,37 @@ class AdapterStore:
         if pointer is None:
             return None
         return pointer, self.verify(pointer.version, pointer.artifact_id)
+
+    def refused(self) -> dict[tuple[int, str], str]:
+        """(version, artifact id) -> reason, for every artifact refused for its content.
+
+        Kept beside the versions so that a restarted agent does not fetch them again; a list
+        that cannot be read counts as empty (it costs one more fetch and refusal, no more).
+        """
+        try:
+            entries = json.loads((self.root / REFUSED).read_text())
+            return {(int(e["version"]), str(e["artifact_id"])): str(e["reason"]) for e in entries}
+        except (OSError, ValueError, TypeError, KeyError):  # none yet, or unreadable
+            return {}
+
+    def refuse(self, version: int, artifact_id: str, reason: str) -> None:
+        """Record that ``(version, artifact_id)`` was refused for its content (atomic write)."""
+        with file_lock(self._lock_path):
+            refused = {**self.refused(), (version, artifact_id): reason}
+            newest = sorted(refused.items())[-MAX_REFUSED:]
+            entries = [{"version": v, "artifact_id": a, "reason": r} for (v, a), r in newest]
+            atomic_write_bytes(self.root / REFUSED, (json.dumps(entries, indent=1) + "\n").encode())
+
+    def discard(self, version: int) -> None:
+        """Delete one stored version (one refused after it was stored); never the current one."""
+        with file_lock(self._lock_path):
+            pointer = self.current()
+            if pointer is not None and pointer.version == version:
+                raise ArtifactError(f"version {version} is current; it cannot be discarded")
+            if self.path(version).is_dir():
+                trash = self.versions_dir / f".{version}.deleting"
+                self.path(version).rename(trash)
+                shutil.rmtree(trash)
 
     def prune(self, keep: int) -> list[int]:
         """Delete all but the newest ``keep`` versions, never the current one; returns deleted."""

@@ -3,7 +3,8 @@
 * :class:`WireModel` is the base of every message that crosses a process boundary: strict types
   (an integer is never a boolean or a string), frozen, and unknown fields ignored, so that a
   newer peer of the same major version may add optional fields.
-* :func:`describe` turns a pydantic ``ValidationError`` into one line naming the field.
+* :func:`describe` turns a pydantic ``ValidationError`` into one line naming the field, and
+  :func:`load_yaml_model` a YAML file into a config model (``ConfigError`` naming file and field).
 * :class:`Protocol` carries a protocol's ``"MAJOR.MINOR"`` version. A fleet upgrades its hub and
   its agents at different times: peers of the same major understand each other (a minor only
   adds optional fields), and a peer of another major is refused with one line naming both.
@@ -13,7 +14,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 _VERSION = re.compile(r"^(\d{1,4})\.(\d{1,4})$")
@@ -72,3 +76,60 @@ class Protocol:
                 f"{self.name} protocol: the peer speaks {received}, this side speaks "
                 f"{self.version} (another major version: upgrade the older side)"
             )
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message is one line naming file and field."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML loader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_model[M: BaseModel](path: Path, model: type[M]) -> M:
+    """Load ``path`` into ``model``; relative paths inside resolve against the file's folder."""
+    path = Path(path)
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a YAML file") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {error.start}); is it the right file?"
+        ) from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{path}:{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        loaded = model.model_validate(raw, context={"base_dir": path.parent})
+    except ValidationError as error:
+        raise ConfigError(f"{path}: {describe(error)}") from None
+    return _resolve_paths(loaded, path.parent.resolve())
+
+
+def _resolve_paths[M: BaseModel](model: M, base_dir: Path) -> M:
+    updates: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            updates[name] = base_dir / value
+        elif isinstance(value, BaseModel):
+            updates[name] = _resolve_paths(value, base_dir)
+    return model.model_copy(update=updates) if updates else model

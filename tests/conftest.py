@@ -39,6 +39,23 @@ class _Grid:
 GRID = cast(Any, _Grid())
 
 
+def train_reply(arrays: dict[str, Any], examples: int, agent: str) -> Any:
+    """A ClientApp's train reply as the strategy receives it: adapter, example count, agent id."""
+    from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+    from zk0.hub.strategy import to_record
+    from zk0.shared.federation import AGENT_ID, ARRAYS_KEY, EXAMPLES, META_KEY, METRICS_KEY
+
+    content = RecordDict(
+        {
+            ARRAYS_KEY: to_record(arrays),
+            METRICS_KEY: MetricRecord({EXAMPLES: examples}),
+            META_KEY: ConfigRecord({AGENT_ID: agent}),
+        }
+    )
+    return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+
 @pytest.fixture
 def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """What Flower's ServerApp runtime sets before a strategy builds messages (restored after)."""

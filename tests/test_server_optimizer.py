@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAdam, FedAvgM
 from loguru import logger
 
-from conftest import GRID
+from conftest import GRID, train_reply
 from zk0.hub.aggregation import Arrays, ClientUpdate, aggregate
 from zk0.hub.server_optimizer import (
     OptimizerState,
@@ -28,7 +28,7 @@ from zk0.hub.server_optimizer import (
 )
 from zk0.hub.strategy import LoRAFedAvg, to_numpy, to_record
 from zk0.shared.config import ConfigError
-from zk0.shared.federation import AGENT_ID, ARRAYS_KEY, EXAMPLES, META_KEY, METRICS_KEY, RunSettings
+from zk0.shared.federation import RunSettings
 
 A = "m.layers.0.q_proj.lora_A.weight"
 B = "m.layers.0.q_proj.lora_B.weight"
@@ -95,17 +95,6 @@ def test_fedadam_matches_a_hand_computation() -> None:
 # -- through LoRAFedAvg, with real Flower messages -----------------------------------------
 
 
-def _reply(arrays: Arrays, examples: int, agent: str) -> Message:
-    content = RecordDict(
-        {
-            ARRAYS_KEY: to_record(arrays),
-            METRICS_KEY: MetricRecord({EXAMPLES: examples}),
-            META_KEY: ConfigRecord({AGENT_ID: agent}),
-        }
-    )
-    return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
-
-
 def _client_rounds(count: int) -> list[list[tuple[Arrays, int]]]:
     return [[(_arrays(10 * r + 1), 10), (_arrays(10 * r + 2), 30)] for r in range(count)]
 
@@ -116,7 +105,7 @@ def _strategy_rounds(
     """Drive ``strategy`` (zk0's or Flower's) round by round, yielding each new global."""
     for server_round, replies in enumerate(rounds, start=1):
         list(strategy.configure_train(server_round, to_record(x), ConfigRecord(), GRID))
-        messages = [_reply(a, n, f"a{i}") for i, (a, n) in enumerate(replies)]
+        messages = [train_reply(a, n, f"a{i}") for i, (a, n) in enumerate(replies)]
         record, _ = strategy.aggregate_train(server_round, messages)
         x = to_numpy(record)
         yield x

@@ -6,6 +6,10 @@ store copies it in (artifact id, every file's sha256 and size, tensor shapes; th
 the engine's tensors are checked against the manifest). Files the store already holds (same
 sha256 and size, e.g. after a rollback) are copied locally instead of fetched. A crash at any
 point leaves a partial folder that the next start deletes: never a version, never ``current``.
+
+The manifest is held to the agent's ``DistributionLimits`` (size, file count) before any chunk
+is asked for, and chunk requests are made only as credit frees up, one file cursor at a time:
+what a download holds in memory does not grow with what the hub declares.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +27,11 @@ from zk0.shared.artifact import (
     MANIFEST,
     ArtifactError,
     Manifest,
-    TensorEntry,
     read_manifest,
 )
 from zk0.shared.distribution import protocol as p
+from zk0.shared.distribution.limits import DistributionLimits
+from zk0.shared.safetensors_file import TensorEntry
 from zk0.shared.store import AdapterStore
 
 INCOMING = "incoming"
@@ -42,16 +47,53 @@ class Target:
     base_id: str | None
 
 
+class ChunkPlan:
+    """The chunks still to request, made one at a time from a (file, offset) cursor: a
+    million-chunk file costs no more memory than a one-chunk file."""
+
+    def __init__(self, files: Iterable[tuple[str, int]], chunk_bytes: int) -> None:
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be at least 1, got {chunk_bytes}")
+        self._files = [(name, size) for name, size in files if size > 0]
+        self._chunk_bytes = chunk_bytes
+        self._index = self._offset = 0
+
+    @property
+    def done(self) -> bool:
+        return self._index >= len(self._files)
+
+    def next(self) -> tuple[str, int, int]:
+        """(file, offset, length) of the next chunk; only when not ``done``."""
+        name, size = self._files[self._index]
+        offset = self._offset
+        length = min(self._chunk_bytes, size - offset)
+        self._offset += length
+        if self._offset >= size:
+            self._index, self._offset = self._index + 1, 0
+        return name, offset, length
+
+
 class Download:
-    def __init__(self, target: Target, store: AdapterStore, chunk_bytes: int, credit: int) -> None:
+    def __init__(
+        self,
+        target: Target,
+        store: AdapterStore,
+        chunk_bytes: int,
+        credit: int,
+        limits: DistributionLimits | None = None,
+    ) -> None:
+        """``limits`` bound the manifest (checked when it arrives) and the credit."""
+        if credit < 1:
+            raise ValueError(f"credit must be at least 1, got {credit}")
         self.target, self.store = target, store
         self.chunk_bytes, self.credit = chunk_bytes, credit
+        self.limits = limits or DistributionLimits()
         self.partial = (
             store.root / INCOMING / f"v{target.version}-{target.artifact_id[:16]}.partial"
         )
         self.manifest: Manifest | None = None
         self._manifest_bytes = b""
-        self._pending: deque[tuple[str, int, int]] = deque()
+        self._plan = ChunkPlan((), chunk_bytes)
         self._outstanding: dict[tuple[str, int], tuple[int, float]] = {}
         self._fds: dict[str, int] = {}
         self.manifest_sent_at = 0.0
@@ -67,11 +109,13 @@ class Download:
         return p.GetManifest(version=self.target.version, artifact_id=self.target.artifact_id)
 
     def next_requests(self) -> list[p.GetChunk]:
-        """New chunk requests, as many as the credit allows (one credit per chunk in flight)."""
+        """New chunk requests, as many as the credit allows (one credit per chunk in flight;
+        the credit never exceeds ``limits.max_chunks_in_flight``)."""
         requests = []
         now = time.monotonic()
-        while self._pending and len(self._outstanding) < self.credit:
-            name, offset, length = self._pending.popleft()
+        credit = min(self.credit, self.limits.max_chunks_in_flight)
+        while not self._plan.done and len(self._outstanding) < credit:
+            name, offset, length = self._plan.next()
             self._outstanding[(name, offset)] = (length, now)
             requests.append(self._request(name, offset, length))
         return requests
@@ -97,12 +141,14 @@ class Download:
 
     @property
     def complete(self) -> bool:
-        return self.manifest is not None and not self._pending and not self._outstanding
+        return self.manifest is not None and self._plan.done and not self._outstanding
 
     # -- replies -----------------------------------------------------------------------------
 
     def on_manifest(self, reply: p.ManifestReply, expected_base_id: str | None) -> None:
-        """Check the manifest against the announced id, size and base; plan the chunks."""
+        """Check the manifest against the announced id, size, base and this agent's limits;
+        plan the chunks. Raises ``ArtifactError`` (the updater refuses the version) before
+        any chunk is requested."""
         if self.manifest is not None or reply.artifact_id != self.target.artifact_id:
             return
         if hashlib.sha256(reply.manifest).hexdigest() != self.target.artifact_id:
@@ -114,6 +160,7 @@ class Download:
         (self.partial / MANIFEST).write_bytes(reply.manifest)
         manifest = read_manifest(self.partial)  # schema and canonical form
         (self.partial / MANIFEST).unlink()  # written back last, once every byte is here
+        self._check_limits(manifest, len(reply.manifest))
         if manifest.version != self.target.version:
             raise ArtifactError(
                 f"manifest says version {manifest.version}, announced {self.target.version}"
@@ -133,6 +180,7 @@ class Download:
                 raise ArtifactError(f"v{manifest.version}: refusing file name {name!r}")
         self.manifest, self._manifest_bytes = manifest, reply.manifest
         local = self._local_copies(manifest)
+        to_fetch = []
         for name, entry in sorted(manifest.files.items()):
             if name in local:
                 shutil.copyfile(local[name], self.partial / name)
@@ -141,9 +189,31 @@ class Download:
             self._fds[name] = os.open(
                 self.partial / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644
             )
-            for offset in range(0, entry.size, self.chunk_bytes):
-                self._pending.append((name, offset, min(self.chunk_bytes, entry.size - offset)))
+            to_fetch.append((name, entry.size))
+        self._plan = ChunkPlan(to_fetch, self.chunk_bytes)
         self.last_progress = time.monotonic()
+
+    def _check_limits(self, manifest: Manifest, manifest_bytes: int) -> None:
+        """Refuse a version larger than this agent accepts (``distribution_limits``)."""
+        limits, version = self.limits, manifest.version
+        if len(manifest.files) > limits.max_files:
+            raise ArtifactError(
+                f"v{version}: {len(manifest.files)} files, more than this agent's "
+                f"distribution_limits.max_files ({limits.max_files})"
+            )
+        for name, entry in sorted(manifest.files.items()):
+            if not 0 <= entry.size <= limits.max_artifact_bytes:
+                raise ArtifactError(
+                    f"v{version}: file {name!r:.80} declares {entry.size:,} bytes, more than "
+                    f"this agent's distribution_limits.max_artifact_bytes "
+                    f"({limits.max_artifact_bytes:,})"
+                )
+        total = manifest_bytes + sum(entry.size for entry in manifest.files.values())
+        if total > limits.max_artifact_bytes:
+            raise ArtifactError(
+                f"v{version}: {total:,} bytes in all, more than this agent's "
+                f"distribution_limits.max_artifact_bytes ({limits.max_artifact_bytes:,})"
+            )
 
     def _local_copies(self, manifest: Manifest) -> dict[str, Path]:
         """Files of ``manifest`` that a stored version already has (same sha256 and size)."""

@@ -12,7 +12,10 @@
   verified (artifact id, every file hash, tensor shapes, base id) before ``current`` switches,
   and versions at or below the current one are ignored (``zk0.agent.distribution.updater``);
 * a hub silent for three heartbeats is marked so; when it speaks again the agent re-syncs;
-* socket monitors turn CURVE failures (a refused key, a wrong hub key) into one log line.
+* socket monitors turn CURVE failures (a refused key, a wrong hub key) into one log line;
+* ``DistributionLimits`` bound what it takes and holds: a manifest over the size or file limit
+  is refused before any chunk is asked for, the credit has a ceiling, and its sockets queue
+  only a bounded number of incoming messages.
 
 No torch here or in anything imported: many subscribers run per host in tests and benches.
 """
@@ -28,17 +31,20 @@ from loguru import logger
 from zmq.utils.monitor import recv_monitor_message
 
 from zk0.agent.distribution.updater import (
+    BaseNorms,
     OnNewVersion,
     StatusBox,
     SubscriberOptions,
     SubscriberStatus,
     Updater,
 )
+from zk0.shared.adapter_bounds import AdapterBounds, PolicyBaseNorms
 from zk0.shared.agent_status import AgentReport
-from zk0.shared.artifact import TensorEntry
 from zk0.shared.config import AgentConfig, AgentKeys, HubAddress
 from zk0.shared.distribution import protocol as p
 from zk0.shared.distribution.keys import KeyPair, load_keypair, load_public_key, require_curve
+from zk0.shared.distribution.limits import DistributionLimits
+from zk0.shared.safetensors_file import TensorEntry
 from zk0.shared.store import AdapterStore
 
 __all__ = ["AdapterSubscriber", "OnNewVersion", "SubscriberOptions", "SubscriberStatus"]
@@ -51,6 +57,10 @@ _MONITOR_EVENTS = (
 )
 #: Sync states in which the hub has not (recently) answered.
 _UNHEARD = ("starting", "hub_silent", "handshake_failed", "denied")
+#: Announces queued on the SUB socket: each carries the whole state, so extra ones may drop.
+_ANNOUNCE_QUEUE = 16
+#: Replies queued on the DEALER beyond a full credit: latest and error replies to statuses.
+_SPARE_REPLIES = 16
 
 
 class AdapterSubscriber:
@@ -65,16 +75,28 @@ class AdapterSubscriber:
         expected_base_id: str | None = None,
         expected_tensors: dict[str, TensorEntry] | None = None,
         options: SubscriberOptions | None = None,
+        limits: DistributionLimits | None = None,
         insecure: bool = False,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        adapter_bounds: AdapterBounds | None = None,
+        base_norms: BaseNorms | None = None,
     ) -> None:
         """``on_new_version`` runs in the caller's thread for the stored version (in ``start``),
-        then in the subscriber's thread for each new one; ``insecure`` (no CURVE) is for the
-        benchmark's comparison only."""
+        then in the subscriber's thread for each new one; ``limits`` bound what it fetches
+        (default: ``DistributionLimits()``); ``insecure`` (no CURVE) is for the benchmark's
+        comparison only. A version must keep ``adapter_bounds`` (default ``AdapterBounds()``),
+        checked against ``base_norms`` (the base's weight norms; without it, only finite values
+        and growth are checked)."""
         if keys is None and not insecure:
             raise ValueError("the agent config has no keys: section; CURVE keys are required")
         self.agent_id, self.hub, self.keys = agent_id, hub, keys
         self.options = options or SubscriberOptions()
+        self.limits = limits or DistributionLimits()
+        if not 1 <= self.options.credit <= self.limits.max_chunks_in_flight:
+            raise ValueError(
+                f"credit {self.options.credit} is outside 1 .. "
+                f"distribution_limits.max_chunks_in_flight ({self.limits.max_chunks_in_flight})"
+            )
         self._status = StatusBox(agent_id)
         self.updater = Updater(
             AdapterStore(store_root),
@@ -85,6 +107,9 @@ class AdapterSubscriber:
             on_new_version,
             expected_base_id,
             expected_tensors,
+            bounds=adapter_bounds,
+            base_norms=base_norms,
+            limits=self.limits,
         )
         self._shared_context = context
         self._stopping = False
@@ -97,6 +122,10 @@ class AdapterSubscriber:
     def from_config(cls, config: AgentConfig, **kwargs: Any) -> AdapterSubscriber:
         """The subscriber of the agent ``config`` describes; its store: ``<data_root>/adapters``."""
         store_root = config.data_root / ADAPTERS_DIR
+        kwargs.setdefault("adapter_bounds", config.adapter_bounds)
+        # The agent checks versions against the base it runs, read once when first needed.
+        kwargs.setdefault("base_norms", PolicyBaseNorms(config.policy, config.robot_config))
+        kwargs.setdefault("limits", config.distribution_limits)
         return cls(config.agent_id, store_root, config.hub, config.keys, **kwargs)
 
     @property
@@ -161,7 +190,12 @@ class AdapterSubscriber:
             sock.curve_serverkey = self._server_key
         if kind == zmq.DEALER:
             sock.setsockopt(zmq.IMMEDIATE, 1)  # no requests queued for a hub that is not there
+            # A hub sends only what was asked for; beyond that libzmq stops reading the hub
+            # (backpressure, nothing dropped), so a hostile hub cannot fill this agent's memory.
+            queued = 2 * self.limits.max_chunks_in_flight + _SPARE_REPLIES
+            sock.setsockopt(zmq.RCVHWM, queued)
         else:
+            sock.setsockopt(zmq.RCVHWM, _ANNOUNCE_QUEUE)
             sock.setsockopt(zmq.SUBSCRIBE, p.ANNOUNCE_TOPIC)
         sock.connect(f"tcp://{self.hub.host}:{port}")
         return sock

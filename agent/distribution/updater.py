@@ -4,6 +4,14 @@
 function. It owns the agent's adapter store, the download in progress and the hand-over to the
 inference engine. It never sets ``in_use``: only the engine knows which version computed its
 last chunk, and reports it through ``AdapterSubscriber.set_in_use``.
+
+Before a version becomes current its tensors, as stored, must keep ``AdapterBounds``
+(``zk0.shared.adapter_bounds``: finite, each module's ‖ΔW‖ within rho x the base weight's norm
+and within a factor of the previous versions'). A version refused for its content (out of
+bounds, or an artifact whose hash-verified bytes are unusable: ``ArtifactContentError``) is
+refused once, its reason sent to the hub in the status ``error``, and never fetched again: the
+(version, artifact id) is kept in the store's ``refused.json``, so a restart remembers it. A
+failed transfer (bytes that do not hash to the manifest, a full disk) is only retried later.
 """
 
 from __future__ import annotations
@@ -11,20 +19,36 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loguru import logger
 
 from zk0.agent.distribution.fetch import Download, Target, clear_incoming
+from zk0.shared.adapter_bounds import (
+    AdapterBounds,
+    NormHistory,
+    check_adapter,
+)
 from zk0.shared.agent_status import AgentReport
-from zk0.shared.artifact import ArtifactError, Manifest, TensorEntry, verify_artifact
+from zk0.shared.artifact import (
+    TENSORS_FILE,
+    ArtifactContentError,
+    ArtifactError,
+    Manifest,
+    verify_artifact,
+)
 from zk0.shared.distribution import protocol as p
+from zk0.shared.distribution.limits import DistributionLimits
+from zk0.shared.safetensors_file import SafetensorsError, TensorEntry, read_float_tensors
 from zk0.shared.store import AdapterStore
 
 #: Called with (version, artifact folder, manifest) for every version that became current.
 OnNewVersion = Callable[[int, Path, Manifest], None]
+#: Given a version's base id: ‖W‖_F per adaptable module of that base as this agent has it, or
+#: None when this agent does not run that base (then only the other bounds are checked).
+BaseNorms = Callable[[str], Mapping[str, float] | None]
 
 
 @dataclass(frozen=True)
@@ -34,7 +58,7 @@ class SubscriberOptions:
     request_timeout_s: float = 3.0  # no reply for this long: ask again
     max_retries: int = 3  # then give the download up until the next announce
     keep_versions: int = 8
-    refused_retry_s: float = 30.0  # an artifact that failed verification is not refetched sooner
+    refused_retry_s: float = 30.0  # a transfer that failed verification is not refetched sooner
     reconnect_ivl_ms: int = 100
     reconnect_ivl_max_ms: int = 2000
     #: Test hooks only: sleep after each chunk and between the install steps, so that fault
@@ -94,6 +118,10 @@ class Updater:
         on_new_version: OnNewVersion | None,
         expected_base_id: str | None,
         expected_tensors: dict[str, TensorEntry] | None,
+        *,
+        bounds: AdapterBounds | None = None,
+        base_norms: BaseNorms | None = None,
+        limits: DistributionLimits | None = None,
     ) -> None:
         self.store, self.options, self.status = store, options, status
         self.send, self.send_status = send, send_status
@@ -101,7 +129,13 @@ class Updater:
         self.expected_base_id, self.expected_tensors = expected_base_id, expected_tensors
         self.download: Download | None = None
         self.retry_after_s = 1.0  # the hub's heartbeat, once known
-        self._refused: dict[tuple[int, str], float] = {}
+        self._refused: dict[tuple[int, str], float] = {}  # retry after (monotonic)
+        self.bounds = bounds or AdapterBounds()
+        self.limits = limits or DistributionLimits()
+        self.base_norms = base_norms
+        self._norms = NormHistory()
+        self._refused_for_content = store.refused()  # (version, artifact id) -> reason
+        self._warned_no_base: set[str] = set()
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -115,7 +149,8 @@ class Updater:
             loaded = current[1] if current else None
         except (ArtifactError, OSError, ValueError) as error:
             logger.error("current adapter does not verify ({}); looking for an older one", error)
-            for version in reversed(self.store.versions()):
+            refused = {version for version, _ in self._refused_for_content}
+            for version in reversed([v for v in self.store.versions() if v not in refused]):
                 with contextlib.suppress(ArtifactError, OSError):
                     loaded = self.store.set_current(version)
                     break
@@ -150,6 +185,8 @@ class Updater:
         current = self.download
         if current is not None and current.target.version >= offer.version:
             return
+        if (offer.version, offer.artifact_id) in self._refused_for_content:
+            return
         if self._refused.get((offer.version, offer.artifact_id), 0.0) > time.monotonic():
             return
         if self.expected_base_id and offer.base_id and offer.base_id != self.expected_base_id:
@@ -165,16 +202,26 @@ class Updater:
             self.abandon(f"v{offer.version} supersedes it")
         target = Target(offer.version, offer.artifact_id, offer.size, offer.base_id)
         if self.store.path(target.version).is_dir():  # stored before a crash, never switched to
-            with contextlib.suppress(ArtifactError, OSError):
-                self._switch(verify_artifact(self.store.path(target.version), target.artifact_id))
+            try:
+                stored = verify_artifact(self.store.path(target.version), target.artifact_id)
+                self._accept(stored)
                 return
+            except ArtifactContentError as error:
+                with contextlib.suppress(ArtifactError, OSError):  # never to be run: drop it
+                    self.store.discard(target.version)
+                self._refuse_for_content(target.version, target.artifact_id, str(error))
+                return
+            except (ArtifactError, OSError):
+                pass  # fetched again below
         logger.info(
             "fetching version {} ({}…, {} bytes)",
             target.version,
             target.artifact_id[:12],
             target.size,
         )
-        self.download = Download(target, self.store, self.options.chunk_bytes, self.options.credit)
+        self.download = Download(
+            target, self.store, self.options.chunk_bytes, self.options.credit, self.limits
+        )
         self.status.update(sync="fetching")
         self.send(self.download.manifest_request())
 
@@ -193,6 +240,10 @@ class Updater:
                 self.send(request)
             if download.complete:
                 self._install(download)
+        except ArtifactContentError as error:
+            self._refuse_for_content(
+                download.target.version, download.target.artifact_id, str(error)
+            )
         except (ArtifactError, OSError) as error:
             self._refuse(download, str(error))
 
@@ -234,7 +285,41 @@ class Updater:
             download.fetched_bytes,
             download.local_bytes,
         )
+        self._accept(manifest)
+
+    def _accept(self, manifest: Manifest) -> None:
+        """Switch to the stored ``manifest`` if its tensors, as stored, keep the bounds; else
+        delete it from the store and raise ``ArtifactContentError`` with the reason."""
+        folder = self.store.path(manifest.version)
+        try:
+            tensors = read_float_tensors(folder / TENSORS_FILE)
+        except SafetensorsError as error:
+            self.store.discard(manifest.version)
+            raise ArtifactContentError(str(error)) from None
+        refused = {version for version, _ in self._refused_for_content}
+        verdict = check_adapter(
+            tensors,
+            manifest.lora.alpha / manifest.lora.rank,
+            self.bounds,
+            self._base_norms(manifest.base.id),
+            self._norms.previous(self.store, below=manifest.version, skip=refused),
+        )
+        if verdict.reason is not None:
+            self.store.discard(manifest.version)
+            raise ArtifactContentError(f"out of bounds: {verdict.reason}")
+        self._norms.remember(manifest.artifact_id, verdict.norms)
         self._switch(manifest)
+
+    def _base_norms(self, base_id: str) -> Mapping[str, float] | None:
+        norms = self.base_norms(base_id) if self.base_norms is not None else None
+        if norms is None and base_id not in self._warned_no_base:
+            self._warned_no_base.add(base_id)
+            logger.warning(
+                "no weights of base {} here: versions for it are checked for finite values and "
+                "growth, not against the base's norms",
+                base_id,
+            )
+        return norms
 
     def _switch(self, manifest: Manifest) -> None:
         self.store.set_current(manifest.version)
@@ -245,6 +330,23 @@ class Updater:
         self._hand_over(manifest)
         self.send_status()
         self.store.prune(self.options.keep_versions)
+
+    def _refuse_for_content(self, version: int, artifact_id: str, reason: str) -> None:
+        """Refuse ``version`` for good: reported once, remembered across restarts."""
+        logger.error(
+            "refusing version {} for good: {}; keeping version {}",
+            version,
+            reason,
+            self.status.get().applied,
+        )
+        self._refused_for_content[(version, artifact_id)] = reason
+        try:
+            self.store.refuse(version, artifact_id, reason)
+        except OSError as error:  # still refused for this process's lifetime
+            logger.warning("could not record the refusal of version {}: {}", version, error)
+        self.status.update(error=f"refused v{version}: {reason}"[:300])
+        self.abandon(reason)
+        self.send_status()
 
     def _refuse(self, download: Download, reason: str) -> None:
         logger.error(

@@ -1,0 +1,347 @@
+"""Robust aggregation: score every reply's update, clip, reject outliers, bound the counts.
+
+Every reply is scored on what travels, as an update relative to the adapter the round started
+from (the *reference*: the previous round's global adapter, whose B is not zero after round 1):
+
+``fedavg``, ``svd`` (both factors travel)
+    per adapted module U_i = B_i·A_i - B_ref·A_ref, the change the reply makes to the module's
+    effective weight ΔW. Scoring ΔW_i alone would count the fleet's shared past (B_ref·A_ref)
+    into every reply, hide a small bad step behind a large common adapter, and make the honest
+    replies' norms grow with the rounds.
+``ffa`` (A frozen and shared, only B travels)
+    U_i = B_i - B_ref, the travelling factor's own change.
+
+U_i is kept as a low-rank product L·R (L = [B_i, -B_ref], R = [A_i; A_ref]; for ffa R = I), and
+every norm and inner product comes from r x r Gram matrices,
+⟨L1·R1, L2·R2⟩_F = trace((L1ᵀL2)(R2·R1ᵀ)), in float64, never from d x d products.
+
+From the n x n matrix of those inner products (summed over modules):
+
+1. **Clip.** A reply whose update norm exceeds ``clip-norm-factor`` x the median norm is scaled
+   down to that bound (fedavg, ffa: every tensor's change from the reference; svd: its product's
+   change). With two replies the median is their mean, so a factor >= 2 never clips an honest
+   pair; the default (3) leaves honest replies of comparable size alone.
+2. **Reject.** With three replies or more, the geometric median of the clipped updates (the
+   robust centre; Weiszfeld's iteration on the Gram matrix) is found, and a reply farther from
+   it than ``reject-distance-factor`` x max(median distance, a quarter of the median norm) is
+   dropped. The floor keeps a pair of near-identical honest arms from making a third one an
+   outlier; fewer than half the replies lie above twice their median, so with a factor >= 2
+   (the settings allow no less) the majority is always kept.
+3. **Weigh.** Self-reported example counts weigh the mean only up to ``max-client-share``
+   (:func:`zk0.shared.normalization.capped_shares`; binding with 2/share replies or more, else
+   at twice the equal share).
+4. **Combine** with the mode's maths (``zk0.hub.aggregation``), or coordinate-wise by an order
+   statistic (``order-statistic``: ``trimmed-mean`` or ``median``, counts ignored) for fleets
+   that expect faulty arms; svd then re-factors the order statistic of the products. The
+   trimmed mean drops floor(``trim-fraction`` x n) replies at each end of every coordinate, so
+   it trims nothing below 1/fraction replies (4 at the default 0.3): small fleets that expect
+   faulty arms want ``median``.
+
+When nothing is clipped, rejected or capped and no order statistic is asked for, the result is
+the plain aggregate, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from zk0.hub.aggregation import (
+    Arrays,
+    ClientUpdate,
+    Mode,
+    aggregate,
+    lora_only_pairs,
+    lora_pairs,
+    rank_r_factors,
+    svd_of_weighted_products,
+    weighted_sum,
+    with_frozen_a,
+)
+from zk0.shared.normalization import capped_shares
+
+OrderStatistic = Literal["none", "trimmed-mean", "median"]
+Float64 = NDArray[np.float64]
+#: Per tensor or module: the update as a product left·right (float64).
+LowRank = dict[str, tuple[Float64, Float64]]
+_WEISZFELD_STEPS = 100
+#: The typical distance to the centre is at least this share of the median norm, so that two
+#: near-identical honest replies do not make a third, honest one look far out.
+_DISTANCE_FLOOR = 0.25
+
+
+class RobustSettings(Protocol):
+    """What robust aggregation reads; :class:`~zk0.shared.federation.RunSettings` declares it."""
+
+    @property
+    def clip_norm_factor(self) -> float: ...
+    @property
+    def reject_distance_factor(self) -> float: ...
+    @property
+    def order_statistic(self) -> OrderStatistic: ...
+    @property
+    def trim_fraction(self) -> float: ...
+    @property
+    def max_client_share(self) -> float: ...
+
+
+class AggregationError(ValueError):
+    """The round cannot be aggregated (the hub keeps the previous adapter)."""
+
+
+@dataclass(frozen=True)
+class Screening:
+    """Per reply: the factor its update is scaled by (1: untouched), and why, or why dropped."""
+
+    scales: dict[str, float]
+    clipped: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RobustResult:
+    arrays: Arrays
+    #: Agents whose replies did not count, with the reason.
+    rejected: dict[str, str]
+    #: Agents whose replies counted bounded (norm clipped, weight capped), with the reason.
+    clipped: dict[str, str]
+
+
+def low_rank_update(mode: Mode, arrays: Arrays, reference: Arrays) -> LowRank:
+    """The reply's change from ``reference`` as products left·right (see the module doc)."""
+    names = list(reference)
+    pairs = lora_only_pairs(names) if mode == "svd" else lora_pairs(names)
+    paired = {name for pair in pairs for name in pair}
+    update: LowRank = {}
+    for a_name, b_name in pairs:
+        b, b_ref = (np.asarray(x[b_name], np.float64) for x in (arrays, reference))
+        if mode == "ffa":
+            update[b_name] = (b - b_ref, np.eye(b.shape[1]))
+            continue
+        a, a_ref = (np.asarray(x[a_name], np.float64) for x in (arrays, reference))
+        update[b_name] = (np.concatenate([b, -b_ref], axis=1), np.concatenate([a, a_ref]))
+    for name in sorted(set(names) - paired):  # anything else counts coordinate by coordinate
+        change = (np.asarray(arrays[name], np.float64) - reference[name]).reshape(-1, 1)
+        update[name] = (change, np.ones((1, 1)))
+    return update
+
+
+def inner_product(x: LowRank, y: LowRank) -> float:
+    """Σ over modules of ⟨L_x·R_x, L_y·R_y⟩_F = trace((L_xᵀL_y)(R_y·R_xᵀ)), from k x k Grams."""
+    total = 0.0
+    for name, (left_x, right_x) in x.items():
+        left_y, right_y = y[name]
+        # trace(P·Q) = Σ P ⊙ Qᵀ, and (R_y·R_xᵀ)ᵀ = R_x·R_yᵀ.
+        total += float(np.sum((left_x.T @ left_y) * (right_x @ right_y.T)))
+    return total
+
+
+def update_gram(updates: list[LowRank]) -> Float64:
+    """The n x n matrix of :func:`inner_product` between the replies' updates.
+
+    Per module, two matrix products over all replies at once: the (n·k) x (n·k) Grams of the
+    left factors' columns and of the right factors' rows (memory (n·k)² floats, k = 2r: a few
+    MB for a hundred replies).
+    """
+    count = len(updates)
+    gram = np.zeros((count, count))
+    # A reply too large for float64 shows as inf or nan here; screen() rejects it by name.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name in updates[0]:
+            lefts = np.stack([update[name][0] for update in updates])  # (n, d, k)
+            rights = np.stack([update[name][1] for update in updates])  # (n, k, m)
+            _, rows, width = lefts.shape
+            columns = lefts.transpose(0, 2, 1).reshape(count * width, rows)
+            left_grams = (columns @ columns.T).reshape(count, width, count, width)
+            flat_rights = rights.reshape(count * width, -1)
+            right_grams = (flat_rights @ flat_rights.T).reshape(count, width, count, width)
+            # [i, k, j, l]: (L_iᵀL_j)[k, l] and (R_i·R_jᵀ)[k, l]; their dot is the trace above.
+            gram += np.einsum("ikjl,ikjl->ij", left_grams, right_grams)
+    symmetric: Float64 = (gram + gram.T) / 2  # equal up to rounding; exactly so from here on
+    return symmetric
+
+
+def _distances(gram: Float64, centre: Float64) -> Float64:
+    """‖U_i - Σ_j centre_j U_j‖ for every i, from the Gram matrix."""
+    squared = np.diag(gram) - 2 * gram @ centre + centre @ gram @ centre
+    result: Float64 = np.sqrt(np.clip(squared, 0.0, None))
+    return result
+
+
+def geometric_median(gram: Float64) -> Float64:
+    """Coefficients a (Σa = 1) of the updates' geometric median Σ a_j U_j (Weiszfeld)."""
+    count = gram.shape[0]
+    centre: Float64 = np.full(count, 1.0 / count)
+    # Replies at the centre itself would divide by zero; equal replies stay equally weighted.
+    floor = max(1e-12 * float(np.sqrt(np.median(np.diag(gram)))), 1e-150)
+    for _ in range(_WEISZFELD_STEPS):
+        inverse = 1.0 / np.maximum(_distances(gram, centre), floor)
+        updated: Float64 = inverse / inverse.sum()
+        if np.abs(updated - centre).max() < 1e-9:
+            return updated
+        centre = updated
+    return centre
+
+
+def screen(clients: list[str], gram: Float64, settings: RobustSettings) -> Screening:
+    """Clip and reject from the replies' Gram matrix (pure: numbers in, decisions out)."""
+    norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    finite = np.isfinite(norms)
+    rejected = {
+        client: "update too large to measure in float64"
+        for client, ok in zip(clients, finite, strict=True)
+        if not ok
+    }
+    keep = [i for i, ok in enumerate(finite) if ok]
+    if not keep:
+        return Screening({}, rejected=rejected)
+    gram, norms, kept = gram[np.ix_(keep, keep)], norms[keep], [clients[i] for i in keep]
+    if not np.isfinite(gram).all():  # measurable norms, yet a product overflowed in between
+        raise AggregationError("inner products between replies overflow float64")
+    median_norm = float(np.median(norms))
+    scales = np.ones(len(kept))
+    clipped: dict[str, str] = {}
+    if settings.clip_norm_factor > 0:
+        bound = settings.clip_norm_factor * median_norm
+        for i, client in enumerate(kept):
+            if norms[i] > bound:
+                scales[i] = bound / norms[i]
+                clipped[client] = (
+                    f"update norm {norms[i]:.3g} above {settings.clip_norm_factor:g}x the "
+                    f"median {median_norm:.3g}: scaled by {scales[i]:.3g}"
+                )
+    if settings.reject_distance_factor > 0 and len(kept) >= 3:
+        scaled_gram = gram * np.outer(scales, scales)
+        distances = _distances(scaled_gram, geometric_median(scaled_gram))
+        typical = max(
+            float(np.median(distances)), _DISTANCE_FLOOR * float(np.median(norms * scales))
+        )
+        limit = settings.reject_distance_factor * typical
+        for i, client in enumerate(kept):
+            if distances[i] > limit:
+                clipped.pop(client, None)
+                rejected[client] = (
+                    f"update lies {distances[i]:.3g} from the fleet's median update, beyond "
+                    f"{settings.reject_distance_factor:g}x the typical distance {typical:.3g}"
+                )
+    return Screening(
+        {c: float(s) for c, s in zip(kept, scales, strict=True) if c not in rejected},
+        clipped,
+        rejected,
+    )
+
+
+def order_statistic(stacked: Float64, kind: OrderStatistic, trim_fraction: float) -> Float64:
+    """Coordinate-wise median or trimmed mean over axis 0 (the replies)."""
+    if kind == "median":
+        median: Float64 = np.median(stacked, axis=0)
+        return median
+    count = stacked.shape[0]
+    cut = min(int(trim_fraction * count), (count - 1) // 2)
+    trimmed: Float64 = np.sort(stacked, axis=0)[cut : count - cut].mean(axis=0)
+    return trimmed
+
+
+def _scaled(arrays: Arrays, reference: Arrays, scale: float) -> Arrays:
+    """reference + scale·(arrays - reference) per tensor (float64 in between)."""
+    if scale == 1.0:
+        return arrays
+    return {
+        name: (reference[name] + scale * (np.asarray(value, np.float64) - reference[name])).astype(
+            value.dtype
+        )
+        for name, value in arrays.items()
+    }
+
+
+def _combine_svd(
+    arrays: list[Arrays],
+    scales: list[float],
+    weights: Float64,
+    reference: Arrays,
+    settings: RobustSettings,
+) -> Arrays:
+    if settings.order_statistic == "none":
+        # Σ w_i (P_ref + s_i (P_i - P_ref)) = Σ (w_i s_i) P_i + (1 - Σ w_i s_i) P_ref.
+        factors = weights * np.array(scales)
+        return svd_of_weighted_products(
+            [*arrays, reference], np.append(factors, 1.0 - factors.sum())
+        )
+    result: Arrays = {}
+    for a_name, b_name in lora_only_pairs(list(reference)):
+        ref_product = np.asarray(reference[b_name], np.float64) @ reference[a_name]
+        products = np.stack(
+            [
+                ref_product + s * (np.asarray(x[b_name], np.float64) @ x[a_name] - ref_product)
+                for x, s in zip(arrays, scales, strict=True)
+            ]
+        )
+        centre = order_statistic(products, settings.order_statistic, settings.trim_fraction)
+        rank = reference[a_name].shape[0]
+        result[b_name], result[a_name] = rank_r_factors(centre, rank)
+    return result
+
+
+def combine(
+    mode: Mode,
+    arrays: list[Arrays],
+    scales: list[float],
+    weights: Float64,
+    reference: Arrays,
+    settings: RobustSettings,
+) -> Arrays:
+    """The mode's aggregate of the screened replies (scaled towards the reference)."""
+    if mode == "svd":
+        return _combine_svd(arrays, scales, weights, reference, settings)
+    bounded = [_scaled(x, reference, s) for x, s in zip(arrays, scales, strict=True)]
+    if settings.order_statistic == "none":
+        merged = weighted_sum(bounded, weights)
+    else:
+        merged = {
+            name: order_statistic(
+                np.stack([np.asarray(x[name], np.float64) for x in bounded]),
+                settings.order_statistic,
+                settings.trim_fraction,
+            ).astype(first.dtype)
+            for name, first in reference.items()
+        }
+    return with_frozen_a(merged, reference) if mode == "ffa" else merged
+
+
+def robust_aggregate(
+    mode: Mode, updates: list[ClientUpdate], reference: Arrays, settings: RobustSettings
+) -> RobustResult:
+    """Screen, weigh and combine already-validated ``updates`` (see the module doc)."""
+    if not updates:
+        raise AggregationError("no valid client updates to aggregate")
+    clients = [u.client for u in updates]
+    if len(set(clients)) != len(clients):
+        raise AggregationError(f"two replies from the same agent among {sorted(clients)}")
+    gram = update_gram([low_rank_update(mode, u.arrays, reference) for u in updates])
+    screening = screen(clients, gram, settings)
+    kept = [u for u in updates if u.client in screening.scales]
+    if not kept:
+        raise AggregationError(f"every reply was rejected: {screening.rejected}")
+    counts = np.array([u.num_examples for u in kept], dtype=np.float64)
+    weights = capped_shares(counts, settings.max_client_share)
+    clipped = dict(screening.clipped)
+    proportional = counts / counts.sum()
+    for update, weight, share in zip(kept, weights, proportional, strict=True):
+        if weight < share * (1 - 1e-9):
+            note = (
+                f"claimed {update.num_examples} examples, {share:.0%} of the round: "
+                f"weight capped at {weight:.0%}"
+            )
+            clipped[update.client] = "; ".join(filter(None, [clipped.get(update.client), note]))
+    scales = [screening.scales[u.client] for u in kept]
+    if not clipped and not screening.rejected and settings.order_statistic == "none":
+        merged = aggregate(mode, kept, reference)  # the plain aggregate, bit for bit
+    else:
+        merged = combine(mode, [u.arrays for u in kept], scales, weights, reference, settings)
+    for name, value in merged.items():
+        if not np.isfinite(value).all():
+            raise AggregationError(f"{name}: the aggregate has non-finite values")
+    return RobustResult(merged, screening.rejected, clipped)
