@@ -61,7 +61,7 @@ from zk0.hub.aggregation import (
     weighted_sum,
     with_frozen_a,
 )
-from zk0.shared.normalization import capped_shares
+from zk0.shared.normalization import below_proportional, capped_shares
 
 OrderStatistic = Literal["none", "trimmed-mean", "median"]
 Float64 = NDArray[np.float64]
@@ -329,8 +329,9 @@ def robust_aggregate(
     weights = capped_shares(counts, settings.max_client_share)
     clipped = dict(screening.clipped)
     proportional = counts / counts.sum()
-    for update, weight, share in zip(kept, weights, proportional, strict=True):
-        if weight < share * (1 - 1e-9):
+    capped = below_proportional(counts, weights)
+    for update, weight, share, was_capped in zip(kept, weights, proportional, capped, strict=True):
+        if was_capped:
             note = (
                 f"claimed {update.num_examples} examples, {share:.0%} of the round: "
                 f"weight capped at {weight:.0%}"

@@ -171,6 +171,13 @@ def capped_shares(counts: NDArray[Any], max_share: float) -> NDArray[np.float64]
     return result
 
 
+def below_proportional(counts: NDArray[Any], shares: NDArray[np.float64]) -> NDArray[np.bool_]:
+    """Which clients :func:`capped_shares` weighed below their share of the counts."""
+    values = np.asarray(counts, dtype=np.float64)
+    capped: NDArray[np.bool_] = shares < values / values.sum() * (1 - 1e-9)
+    return capped
+
+
 def _robust_z(values: NDArray[np.float64], floor: NDArray[np.float64]) -> NDArray[np.float64]:
     """|x - median| / scale per column, the scale a MAD-based std no smaller than ``floor``."""
     median = np.median(values, axis=0)
@@ -235,7 +242,7 @@ def select_robust_stats(
     counts = np.array([kept[client][first_key].count for client in clients], dtype=np.float64)
     shares = capped_shares(counts, max_share)
     proportional = counts / counts.sum()
-    uncapped = shares >= proportional * (1 - 1e-9)
+    uncapped = ~below_proportional(counts, shares)
     # Uncapped clients keep their counts; a capped one counts as frames_per_share x its share.
     frames_per_share = counts[uncapped].sum() / shares[uncapped].sum()
     selected: list[Stats] = []

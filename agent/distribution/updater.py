@@ -149,7 +149,7 @@ class Updater:
             loaded = current[1] if current else None
         except (ArtifactError, OSError, ValueError) as error:
             logger.error("current adapter does not verify ({}); looking for an older one", error)
-            refused = {version for version, _ in self._refused_for_content}
+            refused = self._refused_versions
             for version in reversed([v for v in self.store.versions() if v not in refused]):
                 with contextlib.suppress(ArtifactError, OSError):
                     loaded = self.store.set_current(version)
@@ -296,19 +296,22 @@ class Updater:
         except SafetensorsError as error:
             self.store.discard(manifest.version)
             raise ArtifactContentError(str(error)) from None
-        refused = {version for version, _ in self._refused_for_content}
         verdict = check_adapter(
             tensors,
             manifest.lora.alpha / manifest.lora.rank,
             self.bounds,
             self._base_norms(manifest.base.id),
-            self._norms.previous(self.store, below=manifest.version, skip=refused),
+            self._norms.previous(self.store, below=manifest.version, skip=self._refused_versions),
         )
         if verdict.reason is not None:
             self.store.discard(manifest.version)
             raise ArtifactContentError(f"out of bounds: {verdict.reason}")
         self._norms.remember(manifest.artifact_id, verdict.norms)
         self._switch(manifest)
+
+    @property
+    def _refused_versions(self) -> set[int]:
+        return {version for version, _ in self._refused_for_content}
 
     def _base_norms(self, base_id: str) -> Mapping[str, float] | None:
         norms = self.base_norms(base_id) if self.base_norms is not None else None
