@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import Field, ValidationError
 
 from zk0.shared.config import StrictModel
+from zk0.shared.federation import PERSONAL_KEEP
 from zk0.shared.fsutil import (
     atomic_write_bytes,
     file_lock,
@@ -47,8 +48,6 @@ if TYPE_CHECKING:
 TENSORS = "personal.safetensors"
 META = "meta.json"
 CURRENT = "current.json"
-#: Revisions kept (the current one always, besides): enough to roll back a few rounds.
-KEEP_REVISIONS = 5
 
 
 class PersonalError(ValueError):
@@ -126,7 +125,7 @@ def _check_tensors(state: Mapping[str, Any], rank: int) -> None:
 class PersonalStore:
     """Local revisions of one arm, numbered from 1, with an atomically switched current one."""
 
-    def __init__(self, root: Path, keep: int = KEEP_REVISIONS) -> None:
+    def __init__(self, root: Path, keep: int = PERSONAL_KEEP) -> None:
         if keep < 2:
             raise ValueError("keep must be at least 2 (rollback needs an earlier revision)")
         self.root, self.keep = Path(root), keep

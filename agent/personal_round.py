@@ -113,7 +113,8 @@ def attach(
         _tell(node.agent_id, "personal-rank is set but this node has no personal-dir: "
               "training and evaluating the shared adapter alone")  # fmt: skip
         return None
-    store, spec = PersonalStore(Path(node.personal_dir)), personal_spec(run)
+    store = PersonalStore(Path(node.personal_dir), keep=node.personal_keep)
+    spec = personal_spec(run)
     part, skipped = store.load_usable(spec.rank)
     for reason in skipped:
         logger.warning("{}: {}: not resumed from", node.agent_id, reason)

@@ -60,6 +60,8 @@ from zk0.shared.success import SuccessRate
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
+#: A server step of twice the round's mean delta (FedAvgM with β = 0, η = 2).
+DOUBLE_STEP = {"server_optimizer": "fedavgm", "server_momentum": 0.0, "server_lr": 2.0}
 #: The federated mode the product runs by default (``RunSettings.aggregation``), chosen by this
 #: benchmark; the summary compares it with the baselines.
 FEDERATED_METHODS: dict[str, dict[str, Any]] = {
@@ -68,8 +70,13 @@ FEDERATED_METHODS: dict[str, dict[str, Any]] = {
     "ffa": {"aggregation": "ffa"},
     # FedAvgM: steps of up to 1/(1-β) = 2x the round's mean delta where rounds agree.
     "fedavgm": {"aggregation": "fedavg", "server_optimizer": "fedavgm", "server_momentum": 0.5},
+    # A server step of 2x the mean delta, no momentum: four arms' 100-step updates point the
+    # same way where the arms share their shift, so the mean alone undershoots the union's steps.
+    "fedavg_lr2": {"aggregation": "fedavg", **DOUBLE_STEP},
     # Personalized: the shared adapter (fedavg) plus a rank-4 local part per arm, never sent.
     "personal": {"aggregation": "fedavg", "personal_rank": 4},
+    # Personalized with the shared part's server step doubled (as fedavg_lr2).
+    "personal_lr2": {"aggregation": "fedavg", "personal_rank": 4, **DOUBLE_STEP},
 }
 BASELINES = ("base", "local_only", "centralized")
 #: Seeds, batch size and learning rate of every method: the run config's, with these steps.

@@ -309,6 +309,10 @@ class RunSettings(FlowerSettings):
         return robot_config_path(self.robot_config)
 
 
+#: Local revisions an arm keeps by default (personalized mode): enough to roll back a few rounds.
+PERSONAL_KEEP = 5
+
+
 class NodeSettings(FlowerSettings, AgentCompute):
     """One SuperNode: which agent it is, where its dataset lives, how it shares the compute."""
 
@@ -323,6 +327,9 @@ class NodeSettings(FlowerSettings, AgentCompute):
     #: Personalized mode: where this arm keeps its local adapter's revisions (the agent daemon's
     #: ``<data_root>/personal``); empty: none, the shared adapter alone.
     personal_dir: str = ""
+    #: Local revisions the arm keeps besides the current one (rollback needs an earlier one).
+    #: A simulated node keeps every revision of its run: a bench measures each round's.
+    personal_keep: int = Field(default=PERSONAL_KEEP, ge=2, le=1000)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], run: RunSettings) -> NodeSettings:
@@ -345,6 +352,7 @@ class NodeSettings(FlowerSettings, AgentCompute):
                 "data-root": str(root / agent_id),
                 "robot-config": str(robot) if robot.is_file() else "",
                 "personal-dir": str(root / f"{agent_id}.personal"),
+                "personal-keep": max(PERSONAL_KEEP, run.num_server_rounds + 1),
             }
         # Flower adds keys of its own (partition ids, counts): read only ours.
         settings = cls.from_flower(
