@@ -38,6 +38,7 @@ from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from loguru import logger
 
 from zk0.agent.arbiter import AgentState, Arbiter
+from zk0.agent.canary import CanaryFollower
 from zk0.agent.jobs import Job, JobKind, JobResult, JobRunner
 from zk0.agent.ledger import DatasetSize, Ledger, dataset_size
 from zk0.agent.personal_follow import PERSONAL_DIR, PersonalFollower
@@ -84,6 +85,7 @@ class AgentService:
             first_id=self.task_episodes.last_job + 1,
         )
         self._status_line = ""
+        self.canary = CanaryFollower(self.config, self.arbiter, self.lock)
 
     # -- the daemon -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -113,6 +115,7 @@ class AgentService:
             self.subscriber = self._start_subscriber(stack)
             self.supernode = self._start_supernode(stack)
             stack.callback(self.jobs.stop)
+            stack.callback(self.canary.stop)
             self._status_line = self._describe(self._report(dataset_size(self.dataset_root)))
             notify(READY=1, STATUS=self._status_line)
             logger.info("agent {} ready: {}", self.config.agent_id, self._status_line)
@@ -222,6 +225,7 @@ class AgentService:
         if self.supernode is not None:
             self.supernode.check()
         self.personal.check()  # a round's new local revision: hot-swapped like a fleet version
+        self.canary.check(self.subscriber.status().under_gate)  # a canary evaluates, once
         report = self._report(dataset_size(self.dataset_root))  # one read of info.json per turn
         self.subscriber.set_report(report)
         line = self._describe(report)
@@ -241,6 +245,7 @@ class AgentService:
             job=running.kind if running is not None else None,
             last_round=self.ledger.last_round,
             personal_revision=self.session.slot.personal_revision,
+            canary=self.canary.result,
         )
 
     def _describe(self, report: AgentReport) -> str:

@@ -30,10 +30,11 @@ import zmq.auth.thread
 from loguru import logger
 
 from zk0.hub.fleet import FLEET_FILE, AgentRecord, FleetTable
+from zk0.hub.gate_keeper import GateKeeper
 from zk0.hub.replies import BATCH, ReplyRouter, bound_queues, user_id
 from zk0.hub.serving import FaultLog, FetchService, ServedVersion, VersionCache, ZapPolicy
 from zk0.shared.artifact import Manifest
-from zk0.shared.config import HubConfig, HubKeys
+from zk0.shared.config import CanaryConfig, HubConfig, HubKeys
 from zk0.shared.distribution import protocol as p
 from zk0.shared.distribution.keys import (
     AllowList,
@@ -66,6 +67,7 @@ class DistributionServer:
         insecure: bool = False,
         fleet_file: Path | None = None,
         limits: DistributionLimits | None = None,
+        canary: CanaryConfig | None = None,
     ) -> None:
         """Port 0 picks a free port (see ``publish_port``/``fetch_port`` after ``start``);
         ``limits`` bound the ROUTER's queues per connection (default ``DistributionLimits()``);
@@ -80,8 +82,15 @@ class DistributionServer:
         self.fleet = FleetTable(fleet_file or store.root / FLEET_FILE, heartbeat_s)
         self.allow_list = AllowList(keys.allow_list_dir) if keys else None
         self.cache = VersionCache(store)
+        #: Canary rollout (``canary:`` in hub.yaml): None without canaries.
+        self.gates = GateKeeper(store, canary, self.fleet) if canary and canary.enabled else None
         self.service = FetchService(
-            self.cache, self.fleet, self.faults, self.allow_list, lambda: self._offer(p.Latest)
+            self.cache,
+            self.fleet,
+            self.faults,
+            self.allow_list,
+            self._latest_for,
+            self.gates.may_fetch if self.gates is not None else None,
         )
         self.limits = limits or DistributionLimits()
         self.replies = ReplyRouter(self.service, self.faults, self.limits, curve=keys is not None)
@@ -105,6 +114,7 @@ class DistributionServer:
             fetch_port=config.fetch_port,
             heartbeat_s=config.heartbeat_s,
             limits=config.distribution_limits,
+            canary=config.canary,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -256,6 +266,8 @@ class DistributionServer:
                     self.replies.drain(self._sockets["router"])
                 if self._sockets.get("xpub") in events:
                     announce = self._drain_xpub()
+                if self.gates is not None:
+                    announce = self.gates.tick() or announce
                 announce = self._check_current() or announce
                 if self._check_allow_list() or "xpub" not in self._sockets:
                     announce = self._rebind_xpub(poller) or announce
@@ -279,6 +291,24 @@ class DistributionServer:
             artifact_id=served.artifact_id if served else None,
             size=served.size if served else None,
             base_id=served.manifest.base.id if served else None,
+            withdrawn=self.gates.withdrawn if self.gates is not None else (),
+        )
+
+    def _latest_for(self, agent_id: str) -> p.Latest:
+        """The reply to ``agent_id``'s status: the announce's content, or for a canary of an
+        open gate the version under gate with the version to compare it with."""
+        gate = self.gates.canary_offer(agent_id) if self.gates is not None else None
+        served = self.cache.get(gate.version) if gate is not None else None
+        if gate is None or served is None:
+            return self._offer(p.Latest)
+        return self._offer(p.Latest).model_copy(
+            update={
+                "version": served.version,
+                "artifact_id": served.artifact_id,
+                "size": served.size,
+                "base_id": served.manifest.base.id,
+                "gate_baseline": gate.baseline,
+            }
         )
 
     def _announce(self) -> None:

@@ -51,6 +51,7 @@ def run_settings(config: HubConfig, run_dir: Path, rounds: int | None = None) ->
         "min-nodes": config.runs.min_agents,
         "store-root": str(config.store_root.resolve()),
         "run-dir": str(run_dir),
+        "gate-timeout-s": config.canary.timeout_s if config.canary.enabled else 0.0,
     }
     if rounds is not None:
         values["num-server-rounds"] = rounds

@@ -31,6 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 from loguru import logger
 
 from zk0.hub.aggregation import Arrays
+from zk0.hub.gate import GateBook, wait_for_decision
 from zk0.hub.history import EvalHistory
 from zk0.hub.server_optimizer import OptimizerState, load_state, run_key, save_state, state_path
 from zk0.hub.strategy import LoRAFedAvg, agent_of, to_numpy, to_record
@@ -89,6 +90,8 @@ class Publisher:
         self._base_norms: Norms | None = None  # read from the base checkpoint on first use
         self._base_norms_read = False
         self._norms = NormHistory()  # per stored artifact, so each publish reads only its own
+        #: Canary rollout (``gate-timeout-s`` > 0): versions wait under gate (zk0.hub.gate).
+        self.gates = GateBook(store.root) if settings.gate_timeout_s > 0 else None
 
     def fresh_adapter(self, stats: Stats) -> tuple[int, Arrays]:
         """Version 0: a freshly initialised adapter carrying the shared normalization. The
@@ -105,7 +108,7 @@ class Publisher:
                 round_=0,
                 extra_files={NORMALIZATION_FILE: dumps(stats)},
             )
-        self._announce(version, 0)
+        self._announce(version, 0)  # B = 0: the base itself, nothing for a gate to judge
         return version, {k: v.numpy() for k, v in adapter_state(peft_model).items()}
 
     def publish(
@@ -139,7 +142,11 @@ class Publisher:
                 extra_files={NORMALIZATION_FILE: dumps(stats)},
             )
         self._norms.remember(manifest.artifact_id, verdict.norms)
-        self._announce(version, round_)
+        current = self.store.current()
+        if self.gates is not None and current is not None:
+            self.gates.open(version, baseline=current.version)
+        else:
+            self._announce(version, round_)
         return version
 
     def out_of_bounds(self, arrays: Arrays) -> str | None:
@@ -156,7 +163,12 @@ class Publisher:
                     "base weights of {} unreadable ({}): rho is not checked", self.base.spec, error
                 )
         latest = self.store.latest_version()
-        previous = self._norms.previous(self.store, below=latest + 1) if latest is not None else []
+        rejected = self.gates.withdrawn() if self.gates is not None else []
+        previous = (
+            self._norms.previous(self.store, below=latest + 1, skip=rejected)
+            if latest is not None
+            else []
+        )
         return check_adapter(
             arrays, self.lora.alpha / self.lora.rank, self.bounds, self._base_norms, previous
         )
@@ -167,10 +179,25 @@ class Publisher:
             "published version {} ({}…), round {}", version, manifest.artifact_id[:12], round_
         )
 
-    def starting_point(self) -> tuple[int, int, Arrays, Stats] | None:
-        """(version, round, arrays, stats) of the store's current version, if any."""
+    def after_gate(self, version: int) -> int:
+        """The version the next round starts from once ``version``'s gate is decided (itself,
+        or the promoted one it was compared with); ``version`` itself without a gate."""
+        if self.gates is None or self.gates.get(version) is None:
+            return version
+        record = wait_for_decision(self.gates, version, self.settings.gate_timeout_s)
+        logger.info("version {} {} by its canary gate: {}", version, record.state, record.reason)
+        if record.state == "promoted":
+            return version
+        current = self.store.current()
+        return current.version if current is not None else record.baseline
+
+    def arrays(self, version: int) -> Arrays:
         from safetensors.numpy import load_file
 
+        return load_file(self.store.path(version) / TENSORS_FILE)
+
+    def starting_point(self) -> tuple[int, int, Arrays, Stats] | None:
+        """(version, round, arrays, stats) of the store's current version, if any."""
         current = self.store.load_current()
         if current is None:
             return None
@@ -184,7 +211,7 @@ class Publisher:
         if NORMALIZATION_FILE not in manifest.files:
             raise ArtifactError(f"{folder}: carries no shared normalization statistics")
         stats = loads((folder / NORMALIZATION_FILE).read_bytes())
-        return pointer.version, manifest.round or 0, load_file(folder / TENSORS_FILE), stats
+        return pointer.version, manifest.round or 0, self.arrays(pointer.version), stats
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
@@ -272,6 +299,22 @@ def main(grid: Grid, context: Context) -> None:
             version=version,
             reference=arrays,
         )
+    state = {"version": version}
+
+    def start_from(server_round: int) -> Arrays | None:
+        """Before a round: wait for the last version's canary gate; after a rejection, train
+        from the promoted version, with a fresh server optimizer (its momentum carried the
+        rejected step)."""
+        parent = publisher.after_gate(state["version"])
+        if parent == state["version"]:
+            return None
+        logger.info("round {}: training from version {}", server_round, parent)
+        state["version"] = parent
+        config[FLEET_VERSION] = parent
+        if strategy.optimizer_state is not None:
+            strategy.optimizer_state = OptimizerState(strategy.optimizer_state.kind)
+        return publisher.arrays(parent)
+
     strategy = LoRAFedAvg(
         aggregation=settings.aggregation,
         optimizer=settings,
@@ -279,6 +322,7 @@ def main(grid: Grid, context: Context) -> None:
         success_episodes=settings.success_episodes_at,
         robust=settings,
         accept=publisher.out_of_bounds,
+        start_from=start_from if publisher.gates is not None else None,
         fraction_train=settings.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=settings.min_nodes,
@@ -289,7 +333,6 @@ def main(grid: Grid, context: Context) -> None:
     # local revision (updated as each round publishes).
     config = ConfigRecord({NORMALIZATION: dumps(stats), FLEET_VERSION: version})
     history = EvalHistory(settings.aggregation)
-    state = {"version": version}
 
     def end_of_round(server_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:  # Flower calls this before round 1: evaluate the starting adapter

@@ -120,11 +120,14 @@ class FetchService:
         fleet: FleetTable,
         faults: FaultLog,
         allow_list: AllowList | None,
-        latest: Callable[[], p.Latest],
+        latest: Callable[[str], p.Latest],
+        may_fetch: Callable[[str | None, int], bool] | None = None,
     ) -> None:
-        """``allow_list`` None means plain mode (no CURVE): agents are who they say they are."""
+        """``allow_list`` None means plain mode (no CURVE): agents are who they say they are.
+        ``latest(agent_id)`` answers a status; ``may_fetch(agent_id, version)`` (canary gate)
+        says whether that agent may have that version (None: any stored version)."""
         self.cache, self.fleet, self.faults = cache, fleet, faults
-        self.allow_list, self.latest = allow_list, latest
+        self.allow_list, self.latest, self.may_fetch = allow_list, latest, may_fetch
         self.bytes_served = 0
 
     def source(self, user_id: str | None) -> tuple[str | None, str]:
@@ -152,9 +155,12 @@ class FetchService:
                 self.faults.record("fetch", source, f"status claims to be {message.agent_id!r}")
                 return _error("bad_request", "agent_id does not match the key you connect with")
             self._on_status(message, key_id(user_id.encode()) if user_id else "-")
-            return p.encode(self.latest())
+            return p.encode(self.latest(message.agent_id))
         if agent_id is not None:
             self.fleet.seen(agent_id)
+        if self.may_fetch is not None and not self.may_fetch(agent_id, message.version):
+            return _error("unknown_version", "that version is not offered to this agent",
+                          message.version)  # fmt: skip
         if isinstance(message, p.GetManifest):
             served = self.cache.get(message.version)
             if served is None or served.artifact_id != message.artifact_id:

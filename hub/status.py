@@ -7,7 +7,11 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from zk0.hub.gate import GateBook
 from zk0.shared import hub_control as hc
+
+#: Canary gates ``status`` shows (the newest).
+SHOWN_GATES = 5
 
 if TYPE_CHECKING:
     from zk0.hub.service import HubService
@@ -65,4 +69,5 @@ def hub_status(hub: HubService) -> hc.HubStatus:
         agents=agents,
         converged=all(a.converged for a in agents if a.online),
         enrolled=hub.enrolment.enrolled(),
+        gates=GateBook(hub.store.root).records()[-SHOWN_GATES:],
     )

@@ -121,6 +121,8 @@ class LoRAFedAvg(FedAvg):
     ``robust``: the bounds of ``zk0.hub.robust`` (None: ``RunSettings``' defaults).
     ``accept(arrays)``: why a round's aggregate may not become the global adapter, or None
     (the hub's adapter bounds); refused, the round keeps the previous adapter.
+    ``start_from(round)``: arrays a round trains from instead of the last aggregate, or None
+    (the canary gate rejected that aggregate's version: ``zk0.hub.gate``).
     """
 
     def __init__(
@@ -132,12 +134,14 @@ class LoRAFedAvg(FedAvg):
         success_episodes: Callable[[int], int] = _no_episodes,
         robust: RobustSettings | None = None,
         accept: Callable[[Arrays], str | None] | None = None,
+        start_from: Callable[[int], Arrays | None] | None = None,
         **fedavg_options: object,
     ) -> None:
         super().__init__(**fedavg_options)  # type: ignore[arg-type]
         self.aggregation = aggregation
         self.robust: RobustSettings = robust if robust is not None else RunSettings()
         self.accept = accept
+        self.start_from = start_from
         self.success_episodes = success_episodes
         self.optimizer: OptimizerSettings | None = None
         self.optimizer_state: OptimizerState | None = None
@@ -154,6 +158,8 @@ class LoRAFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if self.start_from is not None and (instead := self.start_from(server_round)) is not None:
+            arrays = to_record(instead)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._reference[server_round] = to_numpy(arrays)
         self._train_started[server_round] = time.perf_counter()

@@ -7,9 +7,9 @@ weigh and show the totals, so an agent (buggy or hostile) cannot make it store a
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from zk0.shared.validation import WireModel
 
@@ -40,6 +40,33 @@ class RoundOutcome(WireModel):
     at: Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
+class VersionScore(WireModel):
+    """How one version did on a canary: held-out MSE on the arm's own episodes and
+    closed-loop success (simulated arms; operator labels on real arms), with what they rest on."""
+
+    version: Annotated[int, Field(ge=0, le=2**53)]
+    mse: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] | None = None
+    mse_frames: Annotated[int, Field(ge=0, le=MAX_FRAMES)] = 0
+    successes: Annotated[int, Field(ge=0, le=MAX_EPISODES)] = 0
+    episodes: Annotated[int, Field(ge=0, le=MAX_EPISODES)] = 0
+
+    @model_validator(mode="after")
+    def _successes_within_episodes(self) -> Self:
+        if self.successes > self.episodes:
+            raise ValueError(f"successes {self.successes} exceed episodes {self.episodes}")
+        return self
+
+
+class CanaryEvaluation(WireModel):
+    """A canary's verdict material on a version under gate: the candidate and the version the
+    fleet runs, measured on the same episodes (paired scenes where the arm is simulated)."""
+
+    candidate: VersionScore
+    current: VersionScore
+    #: False while the canary is still evaluating (partial numbers may be reported).
+    complete: bool = False
+
+
 class AgentReport(WireModel):
     """The agent's activity and its dataset, as it reports them."""
 
@@ -55,3 +82,5 @@ class AgentReport(WireModel):
     #: Personalized mode: the local revision the policy runs beside the fleet version (None:
     #: none, the fleet version alone). Agents older than this field send nothing: None.
     personal_revision: Annotated[int, Field(ge=1, le=2**53)] | None = None
+    #: Canary rollout: this arm's evaluation of the version under gate (None: none done).
+    canary: CanaryEvaluation | None = None

@@ -172,6 +172,9 @@ class AgentConfig(AgentCompute):
     distribution_limits: DistributionLimits = Field(default_factory=DistributionLimits)
     #: How far a version may move the base before the agent refuses to run it.
     adapter_bounds: AdapterBounds = AdapterBounds()
+    #: Canary rollout: closed-loop episodes per version when this (simulated) arm evaluates a
+    #: version under gate; at least the hub's ``canary.min_episodes``.
+    canary_episodes: Annotated[int, Field(ge=0, le=1000)] = 10
 
     def load_robot_config(self) -> RobotConfig:
         return load_robot_config(self.robot_config)
@@ -210,6 +213,7 @@ HUB_SET_RUN_KEYS = {
     "min-nodes": "runs.min_agents",
     "store-root": "store_root",
     "run-dir": "(a fresh run folder per run)",
+    "gate-timeout-s": "canary.timeout_s (when canaries are configured)",
 }
 
 
@@ -264,6 +268,47 @@ class RunsConfig(StrictModel):
         return self
 
 
+class CanaryConfig(StrictModel):
+    """Eval-gated canary rollout (``canary:`` in hub.yaml; ``zk0.hub.gate``).
+
+    With canaries (``agents`` or a ``fraction``), a version a round produces goes to them alone;
+    each evaluates it against the version the fleet runs and reports; the hub promotes it to the
+    fleet or rejects it (the canaries then go back). Without canaries, every version goes to
+    every agent at once.
+    """
+
+    agents: list[Annotated[str, Field(pattern=AGENT_ID_PATTERN)]] = Field(
+        default_factory=list, description="Agent ids that receive every version first."
+    )
+    fraction: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Besides `agents`: this fraction of the known fleet (rounded up), drawn per "
+        "version.",
+    )  # fmt: skip
+    min_episodes: int = Field(
+        default=10, ge=0, le=10_000,
+        description="Closed-loop episodes needed per canary (0: a gate on held-out MSE alone).",
+    )  # fmt: skip
+    margin_pp: float = Field(
+        default=5.0, ge=0.0, le=100.0,
+        description="Reject when the candidate's success is below the current version's by "
+        "more than this many points.",
+    )  # fmt: skip
+    mse_margin: float = Field(
+        default=0.05, ge=0.0, le=10.0,
+        description="Reject when the candidate's held-out MSE exceeds the current version's by "
+        "more than this fraction.",
+    )  # fmt: skip
+    timeout_s: float = Field(
+        default=1800.0, gt=0.0, le=7 * 86400.0,
+        description="Reject when the canaries have not all reported by then.",
+    )  # fmt: skip
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.agents) or self.fraction > 0
+
+
 class HubConfig(StrictModel):
     """The hub server: where it listens, where it keeps adapters, keys and its state."""
 
@@ -285,6 +330,7 @@ class HubConfig(StrictModel):
     control_socket: Path | None = None
     runs: RunsConfig = Field(default_factory=RunsConfig)
     distribution_limits: DistributionLimits = Field(default_factory=DistributionLimits)
+    canary: CanaryConfig = Field(default_factory=CanaryConfig)
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> Self:

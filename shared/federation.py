@@ -252,6 +252,15 @@ class RunSettings(FlowerSettings):
     seed: Annotated[int, _help("Seed of training batches, evaluation frames and scenes.")] = 0
     store_root: Annotated[str, _help("The hub's adapter store (empty: in the run folder).")] = ""
     run_dir: Annotated[str, _help("Folder of this run's history and logs (empty: a new one).")] = ""
+    gate_timeout_s: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=7 * 86400,
+            description="Set by the hub from canary.timeout_s: a round's version waits for the "
+            "canary gate (0: no gate, every version goes to the fleet at once).",
+        ),
+    ] = 0.0
     sim_data_root: Annotated[
         str, _help("Simulation only: folder of one dataset per simulated agent.")
     ] = ""

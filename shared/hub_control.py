@@ -19,9 +19,10 @@ from pydantic import Field
 
 from zk0.shared.agent_status import AgentReport
 from zk0.shared.control import Command
+from zk0.shared.gate_record import GateRecord
 from zk0.shared.validation import Protocol, WireModel
 
-PROTOCOL = Protocol("hub control", "2.0")
+PROTOCOL = Protocol("hub control", "2.1")  # 2.1: HubStatus.gates
 
 
 # -- replies ----------------------------------------------------------------------------------
@@ -104,6 +105,8 @@ class HubStatus(WireModel):
     converged: bool
     #: Agent id -> its SuperNode's node id on the SuperLink (None: not known yet).
     enrolled: dict[str, int | None]
+    #: The newest canary gates (oldest first), with their decisions and numbers.
+    gates: list[GateRecord] = Field(default_factory=list)
 
 
 class KeySync(WireModel):

@@ -272,7 +272,7 @@ def test_the_hub_answers_another_major_with_one_line_and_records_statuses(
     fleet = FleetTable(None, heartbeat_s=1.0)
     latest = p.Latest(**GOOD["announce"])
     service = FetchService(
-        VersionCache(AdapterStore(tmp_path)), fleet, FaultLog(), None, lambda: latest
+        VersionCache(AdapterStore(tmp_path)), fleet, FaultLog(), None, lambda _agent: latest
     )
     reply, _ = p.decode_reply(
         service.handle([_body("get_chunk", "3.1", **GOOD["get_chunk"])], None)

@@ -79,6 +79,9 @@ class SubscriberStatus:
     bytes_rx: int = 0  # application bytes received and sent (all frames), for the bench
     bytes_tx: int = 0
     versions_applied: int = 0
+    #: Canary rollout: (version under gate, the fleet's version to compare it with) while this
+    #: agent is a canary of that version; what the agent daemon evaluates.
+    under_gate: tuple[int, int] | None = None
 
 
 class StatusBox:
@@ -176,11 +179,17 @@ class Updater:
     # -- what the hub says -------------------------------------------------------------------
 
     def consider(self, offer: p.Offer) -> None:
-        """Fetch ``offer`` if it is newer than what we run and not already on its way."""
-        if offer.version is None or offer.artifact_id is None:
+        """Fetch ``offer`` if it is newer than what we run and not already on its way; go back
+        to it if the hub withdrew the version we run (a canary whose version was rejected)."""
+        if offer.version is None or offer.artifact_id is None or offer.version in offer.withdrawn:
             return
         applied = self.status.get().applied
-        if applied is not None and offer.version <= applied:
+        if isinstance(offer, p.Latest):
+            self._follow_gate(offer)
+        going_back = applied is not None and applied in offer.withdrawn and offer.version < applied
+        if going_back and self._back_from_store(offer, applied):
+            return
+        if applied is not None and offer.version <= applied and not going_back:
             return
         current = self.download
         if current is not None and current.target.version >= offer.version:
@@ -224,6 +233,29 @@ class Updater:
         )
         self.status.update(sync="fetching")
         self.send(self.download.manifest_request())
+
+    def _follow_gate(self, offer: p.Latest) -> None:
+        """A canary is told so in each reply to its status; anyone else is not one (any more)."""
+        assert offer.version is not None
+        gate = (offer.version, offer.gate_baseline) if offer.gate_baseline is not None else None
+        if gate != self.status.get().under_gate:
+            self.status.update(under_gate=gate)
+            if gate is not None:
+                logger.info("canary of version {} (the fleet runs version {})", *gate)
+
+    def _back_from_store(self, offer: p.Offer, withdrawn: int | None) -> bool:
+        """The hub withdrew ``withdrawn`` (its canary gate rejected it): back to the offered
+        version from the store, where it still is (it ran here before); False: fetch it."""
+        assert offer.version is not None and offer.artifact_id is not None
+        logger.warning("version {} was withdrawn by the hub: back to version {}",
+                       withdrawn, offer.version)  # fmt: skip
+        try:
+            manifest = self.store.verify(offer.version, offer.artifact_id)
+        except (ArtifactError, OSError):
+            return False
+        self.abandon(f"v{withdrawn} was withdrawn")
+        self._switch(manifest)
+        return True
 
     def on_transfer(self, message: p.Reply, data: bytes | None) -> None:
         download = self.download

@@ -83,6 +83,12 @@ def _print_status(s: hc.HubStatus) -> None:
         outcome = "ok" if last.error is None else f"FAILED: {last.error}"
         typer.echo(f"last run   {last.index} {outcome}, ended {last.ended_at}, {last.run_dir}")
     typer.echo(f"runs       {s.runs_completed} completed, {s.runs_failed} failed")
+    for gate in s.gates:
+        canaries = ", ".join(gate.canaries) or "none yet"
+        typer.echo(
+            f"gate       v{gate.version} {gate.state} (against v{gate.baseline}; canaries "
+            f"{canaries})" + (f": {gate.reason}" if gate.reason else "")
+        )
     online = [a for a in s.agents if a.online]
     converged = "yes" if s.converged else "no"
     typer.echo(f"agents     {len(online)} online of {len(s.agents)}, converged: {converged}")

@@ -30,7 +30,7 @@ from zk0.shared.agent_status import AgentReport
 from zk0.shared.config import AGENT_ID_PATTERN
 from zk0.shared.validation import Protocol, ProtocolVersionError, WireModel, describe
 
-PROTOCOL = Protocol("adapter distribution", "2.1")
+PROTOCOL = Protocol("adapter distribution", "2.2")
 #: First frame of every message on the PUB socket (agents subscribe to it).
 ANNOUNCE_TOPIC = b"zk0.adapter"
 #: Chunk size agents ask for by default, and the most the hub serves in one reply.
@@ -42,6 +42,8 @@ MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_REQUEST_BYTES = 64 * 1024  # agent -> hub (ROUTER, XPUB upstream)
 MAX_REPLY_BYTES = MAX_CHUNK_BYTES + 64 * 1024  # hub -> agent (DEALER)
 MAX_ANNOUNCE_BYTES = 64 * 1024  # hub -> agent (SUB)
+#: Withdrawn versions an offer lists (the newest; older ones are far below any applied one).
+MAX_WITHDRAWN = 16
 #: Keys of any map in a message, nested ones included.
 MAX_MAP_KEYS = 32
 MAX_INT = 2**53
@@ -90,6 +92,8 @@ class Offer(Message):
     artifact_id: ArtifactId | None
     size: Count | None  # the manifest's bytes plus every file's
     base_id: Annotated[str, Field(max_length=512)] | None
+    #: Versions a canary gate rejected (2.2): an agent that applied one goes back to ``version``.
+    withdrawn: Annotated[tuple[Count, ...], Field(max_length=MAX_WITHDRAWN)] = ()
 
 
 class Announce(Offer):
@@ -102,6 +106,9 @@ class Latest(Offer):
     """Hub -> one agent (ROUTER): the announce's content, as the reply to a ``Status``."""
 
     t: Literal["latest"] = "latest"
+    #: Canary rollout (2.2): set only in the reply to a canary, whose offer is then the version
+    #: under gate; the canary evaluates it against this version, the one the fleet runs.
+    gate_baseline: Count | None = None
 
 
 class Status(Message):
