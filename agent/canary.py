@@ -5,7 +5,7 @@ The hub offers a canary the version under gate with the version the fleet runs
 holds the compute like a federated round (so the arm's control loop never shares an
 interpreter with it), and reports the two scores in its status (``AgentReport.canary``)::
 
-    under_gate (v, p) --daemon, arm and compute idle--> python -m zk0.agent.canary (child)
+    under_gate (v, p, n) --daemon, arm and compute idle--> python -m zk0.agent.canary (child)
         per version: base + its adapter + its normalization
           -> held-out MSE on this arm's own episodes (every agent)
           -> closed-loop success on the same evaluation scenes (a simulated arm only)
@@ -31,8 +31,9 @@ import yaml
 from loguru import logger
 
 from zk0.agent.arbiter import AgentState, Arbiter
+from zk0.agent.distribution.updater import GateTask
 from zk0.shared.agent_status import CanaryEvaluation, VersionScore
-from zk0.shared.config import AgentConfig, RobotConfig, load_yaml_model
+from zk0.shared.config import AgentConfig, RobotConfig, load_agent_config
 
 if TYPE_CHECKING:
     from zk0.shared.policy_factory import LoadedPolicy
@@ -52,7 +53,6 @@ def score_version(
     """Held-out MSE and success of stored ``version`` on this agent (``episodes`` scenes)."""
     from zk0.agent.distribution.subscriber import ADAPTERS_DIR
     from zk0.agent.inference.simulated import evaluate_policy, evaluation_scenes
-    from zk0.agent.task_labels import FILE_NAME, TaskEpisodeStore
     from zk0.agent.training import evaluate_mse, open_dataset, split_episodes
     from zk0.shared.artifact import load_adapter, read_manifest
     from zk0.shared.lora import apply_lora
@@ -76,11 +76,7 @@ def score_version(
     if robot.robot.type == "sim_so101":  # the same scenes for both versions: paired
         report = evaluate_policy(robot, model, pre, post, evaluation_scenes(episodes))
         score["successes"], score["episodes"] = report.success.successes, report.success.episodes
-    else:
-        labelled = TaskEpisodeStore(config.data_root / FILE_NAME).version_counts(version)
-        score["successes"] = labelled.success.successes
-        score["episodes"] = labelled.success.episodes
-    return VersionScore.model_validate(score)
+    return VersionScore.model_validate(score)  # a real arm: labels, added by the daemon
 
 
 def evaluate(
@@ -101,12 +97,11 @@ def evaluate(
 class CanaryRun:
     """The daemon's handle on one evaluation child (its pid holds the compute lease)."""
 
-    def __init__(self, config_path: Path, under_gate: tuple[int, int], config: AgentConfig) -> None:
-        self.under_gate = under_gate
-        candidate, current = under_gate
+    def __init__(self, config_path: Path, task: GateTask, episodes: int) -> None:
+        self.task = task
         command = [sys.executable, "-m", "zk0.agent.canary", "--config", str(config_path)]
-        command += ["--candidate", str(candidate), "--current", str(current)]
-        command += ["--episodes", str(config.canary_episodes)]
+        command += ["--candidate", str(task.candidate), "--current", str(task.current)]
+        command += ["--episodes", str(episodes)]
         self.process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -143,36 +138,48 @@ class CanaryRun:
 class CanaryFollower:
     """The agent daemon's side: when its subscriber says this agent is a canary of a version
     (``under_gate``), evaluate it once, in a child that holds the compute lease while the arm
-    and the compute are idle; ``result`` is the last evaluation (reported to the hub)."""
+    and the compute are idle; ``result`` is the last evaluation (reported to the hub).
+
+    A simulated arm's evaluation is complete when the child ends. A real arm's success comes
+    from operator labels, which keep arriving while the canary runs the candidate for real
+    work: its counts are refreshed every turn, and the evaluation is complete once the
+    candidate has the episodes the hub asked for.
+    """
 
     def __init__(self, config: AgentConfig, arbiter: Arbiter, lock: threading.Lock) -> None:
         self.config, self.arbiter, self.lock = config, arbiter, lock
+        self.simulated = config.load_robot_config().robot.type == "sim_so101"
         self.run: CanaryRun | None = None
         self.result: CanaryEvaluation | None = None
-        self._tried: tuple[int, int] | None = None
+        self._tried: GateTask | None = None
 
-    def check(self, under_gate: tuple[int, int] | None) -> None:
+    def check(self, task: GateTask | None) -> None:
         """One turn of the daemon's loop: start, follow or end the evaluation."""
         run = self.run
         if run is not None:
-            result = run.result() if under_gate == run.under_gate else "the gate moved on"
+            result = run.result() if task == run.task else "the gate moved on"
             if result is not None:
                 self._finish(run, result)
             return
-        if under_gate is None or under_gate == self._tried:
+        if task is not None and task == self._tried:
+            if not self.simulated and self.result is not None and not self.result.complete:
+                self.result = _with_labels(self.config, self.result, task.episodes)
+            return
+        if task is None:
             return
         with self.lock:
             if self.arbiter.state is not AgentState.IDLE:
                 return  # asked again next turn
             config_file = self.config.data_root / "canary-agent.yaml"
             config_file.write_text(yaml.safe_dump(self.config.model_dump(mode="json")))
-            run = CanaryRun(config_file, under_gate, self.config)
+            run = CanaryRun(config_file, task, max(task.episodes, self.config.canary_episodes))
             refused = self.arbiter.request_compute(run.pid, 0, "evaluate", time.time())
         if refused is not None:
             run.stop()
             return
-        self._tried, self.run = under_gate, run
-        logger.info("canary of version {}: evaluating it against version {}", *under_gate)
+        self._tried, self.run = task, run
+        logger.info("canary of version {}: evaluating it against version {}",
+                    task.candidate, task.current)  # fmt: skip
 
     def _finish(self, run: CanaryRun, result: CanaryEvaluation | str) -> None:
         run.stop()
@@ -180,8 +187,10 @@ class CanaryFollower:
             self.arbiter.release_compute(run.pid)
         self.run = None
         if isinstance(result, str):  # not retried for this gate: the hub's timeout decides
-            logger.warning("canary evaluation of version {}: {}", run.under_gate[0], result)
+            logger.warning("canary evaluation of version {}: {}", run.task.candidate, result)
             return
+        if not self.simulated:
+            result = _with_labels(self.config, result, run.task.episodes)
         self.result = result
         logger.info("canary evaluation: version {} {}, version {} {}",
                     result.candidate.version, _describe(result.candidate),
@@ -190,6 +199,26 @@ class CanaryFollower:
     def stop(self) -> None:
         if self.run is not None:
             self.run.stop()
+
+
+def _labelled(config: AgentConfig, score: VersionScore) -> VersionScore:
+    """``score`` with the success of the task episodes operators labelled under its version."""
+    from zk0.agent.task_labels import FILE_NAME, TaskEpisodeStore
+
+    counts = TaskEpisodeStore(config.data_root / FILE_NAME).version_counts(score.version)
+    return score.model_copy(
+        update={"successes": counts.success.successes, "episodes": counts.success.episodes}
+    )
+
+
+def _with_labels(config: AgentConfig, result: CanaryEvaluation, needed: int) -> CanaryEvaluation:
+    """A real arm's evaluation with today's labels; complete once the candidate has enough."""
+    candidate = _labelled(config, result.candidate)
+    return CanaryEvaluation(
+        candidate=candidate,
+        current=_labelled(config, result.current),
+        complete=candidate.episodes >= needed,
+    )
 
 
 def _describe(score: VersionScore) -> str:
@@ -211,7 +240,7 @@ def main(
     """Score two stored versions on this agent; print one JSON line (``CanaryEvaluation``)."""
     import torch
 
-    agent = load_yaml_model(config, AgentConfig)
+    agent = load_agent_config(config)
     torch.set_num_threads(agent.torch_threads)
     typer.echo(evaluate(agent, candidate, current, episodes, frames).model_dump_json())
 

@@ -79,6 +79,9 @@ def demo(
     chaos_kill_round: Annotated[
         int | None, typer.Option(help=_demo_help("chaos_kill_round"))
     ] = None,
+    inject_bad_version: Annotated[
+        bool | None, typer.Option(help=_demo_help("inject_bad_version"))
+    ] = None,
 ) -> None:
     """A hub and simulated agents on loopback: record, federate, push, evaluate (offline)."""
     from zk0.hub.demo import run_demo
@@ -93,6 +96,7 @@ def demo(
             policy=policy,
             outputs=outputs,
             chaos_kill_round=chaos_kill_round,
+            inject_bad_version=inject_bad_version,
         )
     )
 

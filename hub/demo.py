@@ -18,6 +18,9 @@ Everything runs as it would on real machines, through the same commands and daem
    ``mid-eval-episodes`` in between. The table shows success before and after with its 95 %
    Wilson interval; the run's chart shows MSE and success by round.
 
+``--inject-bad-version`` gates every version on a canary (the last agent) and, after the run,
+publishes a broken version (B x -1) through that gate (``zk0.hub.demo_inject``).
+
 ``--chaos-kill-round N`` SIGKILLs the first agent while it trains in round N: the round
 completes with the others, the demo restarts the agent, and it catches up with the newest
 version.
@@ -39,6 +42,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from zk0.hub.demo_fleet import Demo, DemoOptions
+from zk0.hub.demo_inject import InjectedVersion, describe, inject_bad_version
 from zk0.hub.history import CHART_FILE, HISTORY_FILE, EvalHistory
 from zk0.shared import agent_control as ac
 from zk0.shared import hub_control as hc
@@ -60,6 +64,8 @@ class DemoResults(BaseModel):
     hub: hc.HubStatus
     agents: dict[str, AgentResult]
     newest: int
+    #: ``--inject-bad-version``: what the canary gate did with the broken version.
+    injected: InjectedVersion | None = None
 
 
 def _progress(console: Console) -> Progress:
@@ -170,6 +176,12 @@ def _run(demo: Demo, console: Console) -> DemoResults:
         demo.wait(federated, "the federated run", options.timeout_s, chaos)
         bars.update(rounds, completed=options.rounds)
 
+        def gates_decided() -> bool:  # the last round's version may still be under gate
+            status = hub.answer(hc.Status())
+            return status is not None and all(g.state != "open" for g in status.gates)
+
+        demo.wait(gates_decided, "the canary gate on the last version", options.timeout_s)
+
         newest = hub.ask(hc.Status()).current_version
         assert newest is not None
         pushed = bars.add_task(f"pushing v{newest} to every agent", total=len(demo.agents), note="")
@@ -181,11 +193,15 @@ def _run(demo: Demo, console: Console) -> DemoResults:
             return count == len(demo.agents)
 
         demo.wait(converged, f"every agent on v{newest}", 300)
+    injected = None
+    if options.inject_bad_version:
+        with console.status("injecting a broken version (B x -1) through the canary gate"):
+            injected = inject_bad_version(demo)
     agents = {
         agent.name: AgentResult(status=agent.ask(ac.Status()), restarts=agent.supervised.restarts)
         for agent in demo.agents
     }
-    return DemoResults(hub=hub.ask(hc.Status()), agents=agents, newest=newest)
+    return DemoResults(hub=hub.ask(hc.Status()), agents=agents, newest=newest, injected=injected)
 
 
 def _compact(rate: SuccessRate | None) -> str:
@@ -231,6 +247,9 @@ def _print_table(console: Console, run_dir: Path, results: DemoResults) -> None:
             f"mean success over agents: {sum(before) / len(before):.0%} before the first round "
             f"-> {sum(after) / len(after):.0%} after the last"
         )
+    if results.injected is not None:
+        for line in describe(results.injected):
+            console.print(line, soft_wrap=True)
     for label, path in (
         ("run folder", run_dir),
         ("history", federated_run / HISTORY_FILE),

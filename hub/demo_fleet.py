@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from zk0.shared.config import (
     AgentConfig,
     AgentKeys,
+    CanaryConfig,
     HubAddress,
     HubConfig,
     HubKeys,
@@ -68,7 +69,31 @@ class DemoOptions(BaseModel):
         int | None,
         Field(description="SIGKILL the first agent while it trains in this round (it restarts)."),
     ] = None
+    inject_bad_version: Annotated[
+        bool,
+        Field(
+            description="Gate every version on a canary (the last agent), and after the run "
+            "publish a broken one (B x -1) through that gate: it must be rejected, reach no "
+            "other agent, and the canary go back.",
+        ),
+    ] = False
     timeout_s: float = 3600.0
+
+    @property
+    def canary_episodes(self) -> int:
+        """Closed-loop episodes a canary scores each version on (kept small: every round
+        waits for them)."""
+        return max(2, self.mid_eval_episodes)
+
+    @property
+    def canary(self) -> CanaryConfig:
+        if not self.inject_bad_version:
+            return CanaryConfig()
+        return CanaryConfig(
+            agents=[sorted(CLIENT_VARIANTS)[self.agents - 1]],
+            min_episodes=self.canary_episodes,
+            timeout_s=600.0,
+        )
 
 
 @dataclass
@@ -144,6 +169,7 @@ class Demo:
                     "mid-success-episodes": self.options.mid_eval_episodes,
                 },
             ),
+            canary=self.options.canary,
         )
         config = write_config(folder / "hub.yaml", self.hub_config)
         self._cli("zk0-hub", "keys", "init", "--config", str(config))
@@ -162,6 +188,7 @@ class Demo:
             policy=self.options.policy,
             control_socket=self.sockets / f"{agent_id}.sock",
             train_wait_s=300.0,
+            canary_episodes=self.options.canary_episodes,
         )
         config = write_config(folder / "agent.yaml", agent)
         assert agent.keys is not None and agent.keys.supernode_private_key is not None

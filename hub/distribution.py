@@ -105,10 +105,12 @@ class DistributionServer:
         self._sockets: dict[str, zmq.Socket[bytes]] = {}
 
     @classmethod
-    def from_config(cls, config: HubConfig) -> DistributionServer:
+    def from_config(cls, config: HubConfig, keys: HubKeys | None = None) -> DistributionServer:
+        """The server ``config`` describes; ``keys`` in place of its own (e.g. the paths
+        systemd handed over as credentials)."""
         return cls(
             AdapterStore(config.store_root),
-            keys=config.keys,
+            keys=keys or config.keys,
             bind_host=config.bind_host,
             publish_port=config.publish_port,
             fetch_port=config.fetch_port,
@@ -308,6 +310,7 @@ class DistributionServer:
                 "size": served.size,
                 "base_id": served.manifest.base.id,
                 "gate_baseline": gate.baseline,
+                "gate_episodes": self.gates.config.min_episodes if self.gates else None,
             }
         )
 

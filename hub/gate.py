@@ -166,10 +166,11 @@ def decide(
 
     Waits until every canary has a complete evaluation of this candidate against this
     baseline, or until ``timeout_s``. Rejects when fewer than ``min_episodes`` closed-loop
-    episodes per canary arrived, when the candidate's success (pooled over canaries, each on
-    its paired episodes) is below the current version's by more than ``margin_pp`` points, or
-    when its held-out MSE (frame-weighted) exceeds the current's by more than ``mse_margin``
-    (relative). Otherwise promotes.
+    episodes per canary arrived; when the candidate's success (pooled over canaries, each on
+    its paired episodes) is worse beyond doubt: the upper end of its 95 % Wilson interval lies
+    more than ``margin_pp`` points below the current version's rate; or when its held-out MSE
+    (frame-weighted) exceeds the current's by more than ``mse_margin`` (relative). Otherwise
+    promotes.
     """
     relevant = {
         agent: evaluation
@@ -201,12 +202,16 @@ def decide(
             numbers=numbers,
         )
     if new.success.rate is not None and old.success.rate is not None:
-        drop_pp = 100 * (old.success.rate - new.success.rate)
-        if drop_pp > config.margin_pp:
+        # Worse beyond doubt: even the candidate's 95 % upper bound lies more than the margin
+        # below the current version's rate. A few episodes alone then cannot reject a version
+        # by chance (0/2 against 1/2 is no evidence); held-out MSE still can.
+        shortfall_pp = 100 * (old.success.rate - new.success.high)
+        if shortfall_pp > config.margin_pp:
             return Decision(
                 state="rejected",
                 reason=f"success {_rate(new.success)} vs {_rate(old.success)} on the current "
-                f"version: {drop_pp:.1f} points worse (margin {config.margin_pp:g})",
+                f"version: worse by {100 * (old.success.rate - new.success.rate):.1f} points, "
+                f"{shortfall_pp:.1f} beyond its 95 % interval (margin {config.margin_pp:g})",
                 numbers=numbers,
             )
     if new.mse is not None and old.mse is not None and new.mse > old.mse * (1 + config.mse_margin):

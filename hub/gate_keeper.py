@@ -13,9 +13,10 @@ import time
 from loguru import logger
 
 from zk0.hub.fleet import FleetTable
-from zk0.hub.gate import GateBook, GateRecord, choose_canaries, decide
+from zk0.hub.gate import GateBook, choose_canaries, decide
 from zk0.shared.config import CanaryConfig
 from zk0.shared.distribution.protocol import MAX_WITHDRAWN
+from zk0.shared.gate_record import GateRecord
 from zk0.shared.store import AdapterStore
 
 #: How often the gate records are read again (they change once a round at most).
@@ -30,12 +31,20 @@ class GateKeeper:
         self.open: GateRecord | None = None
         self.withdrawn: tuple[int, ...] = ()
         self._next_refresh = 0.0
+        self._stamp: int | None = None
 
     def tick(self, now: float | None = None) -> bool:
         """Follow the records and decide an open gate; True if what agents are offered changed."""
         if time.monotonic() < self._next_refresh:
             return False
         self._next_refresh = time.monotonic() + _REFRESH_S
+        try:  # records are replaced by rename: the folder's mtime moves with every change
+            stamp = self.book.root.stat().st_mtime_ns
+        except FileNotFoundError:
+            return False
+        if stamp == self._stamp and self.open is None:
+            return False  # nothing new, nothing to decide
+        self._stamp = stamp
         now = now or time.time()
         before = (self.open, self.withdrawn)
         gate = self.book.open_gate()

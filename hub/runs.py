@@ -61,8 +61,11 @@ def run_settings(config: HubConfig, run_dir: Path, rounds: int | None = None) ->
 def run_timeout_s(settings: RunSettings) -> float:
     """How long a whole run may take: waiting for nodes, statistics and round-0 evaluation,
     then training and evaluation in every round, each bounded by the round timeout in the
-    ServerApp; plus some slack."""
-    return (3 + 2 * settings.num_server_rounds) * settings.round_timeout_s + 300.0
+    ServerApp, and each round's wait for the canary gate (its timeout and a minute); plus some
+    slack."""
+    rounds = settings.num_server_rounds
+    gate_s = settings.gate_timeout_s + 60.0 if settings.gate_timeout_s else 0.0
+    return (3 + 2 * rounds) * settings.round_timeout_s + rounds * gate_s + 300.0
 
 
 class FederatedRun:

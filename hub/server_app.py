@@ -8,6 +8,9 @@
    LoRAFedAvg, each ending in a new stored version with its metrics. With a ``server-optimizer``
    its state is saved in the run folder after each version and picked up again by a restarted
    hub of the same run (``zk0.hub.server_optimizer``).
+   With canaries (``gate-timeout-s`` > 0, set by the hub from ``canary:``) a version is stored
+   under gate instead of made current, and the next round waits for the gate's decision and
+   starts from the newest promoted version (``zk0.hub.gate``).
 4. ``eval_mse_history.json``, ``eval_mse_chart.png`` and a summary table in the run folder:
    MSE and, where simulated agents ran closed-loop episodes (``success-episodes``), success.
 """
@@ -31,6 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from loguru import logger
 
 from zk0.hub.aggregation import Arrays
+from zk0.hub.fleet import load_fleet
 from zk0.hub.gate import GateBook, wait_for_decision
 from zk0.hub.history import EvalHistory
 from zk0.hub.server_optimizer import OptimizerState, load_state, run_key, save_state, state_path
@@ -194,7 +198,8 @@ class Publisher:
     def arrays(self, version: int) -> Arrays:
         from safetensors.numpy import load_file
 
-        return load_file(self.store.path(version) / TENSORS_FILE)
+        arrays: Arrays = load_file(self.store.path(version) / TENSORS_FILE)
+        return arrays
 
     def starting_point(self) -> tuple[int, int, Arrays, Stats] | None:
         """(version, round, arrays, stats) of the store's current version, if any."""
@@ -323,6 +328,9 @@ def main(grid: Grid, context: Context) -> None:
         robust=settings,
         accept=publisher.out_of_bounds,
         start_from=start_from if publisher.gates is not None else None,
+        held_frames=lambda: {
+            record.agent_id: record.report.frames_total for record in load_fleet(store.root)[1]
+        },
         fraction_train=settings.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=settings.min_nodes,

@@ -170,15 +170,7 @@ class HubService:
         self.link.write_connection()
         self.supervisor.start(wait=True)
         self._sync_keys()
-        self.distribution = DistributionServer(
-            self.store,
-            keys=self.keys,
-            bind_host=config.bind_host,
-            publish_port=config.publish_port,
-            fetch_port=config.fetch_port,
-            heartbeat_s=config.heartbeat_s,
-            limits=config.distribution_limits,
-        ).start()
+        self.distribution = DistributionServer.from_config(config, keys=self.keys).start()
 
     def _shutdown(self) -> None:
         notify(STOPPING=1)

@@ -22,8 +22,8 @@ agent while its MSE still counts (a buggy or hostile arm must not claim 12/10).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import TypeGuard
 
 import numpy as np
@@ -123,6 +123,8 @@ class LoRAFedAvg(FedAvg):
     (the hub's adapter bounds); refused, the round keeps the previous adapter.
     ``start_from(round)``: arrays a round trains from instead of the last aggregate, or None
     (the canary gate rejected that aggregate's version: ``zk0.hub.gate``).
+    ``held_frames()``: agent id -> the frames its status last reported holding; a reply
+    claiming to have trained on more is counted with that many (None: no statuses known).
     """
 
     def __init__(
@@ -135,6 +137,7 @@ class LoRAFedAvg(FedAvg):
         robust: RobustSettings | None = None,
         accept: Callable[[Arrays], str | None] | None = None,
         start_from: Callable[[int], Arrays | None] | None = None,
+        held_frames: Callable[[], Mapping[str, int]] | None = None,
         **fedavg_options: object,
     ) -> None:
         super().__init__(**fedavg_options)  # type: ignore[arg-type]
@@ -142,6 +145,7 @@ class LoRAFedAvg(FedAvg):
         self.robust: RobustSettings = robust if robust is not None else RunSettings()
         self.accept = accept
         self.start_from = start_from
+        self.held_frames = held_frames
         self.success_episodes = success_episodes
         self.optimizer: OptimizerSettings | None = None
         self.optimizer_state: OptimizerState | None = None
@@ -183,9 +187,16 @@ class LoRAFedAvg(FedAvg):
         report.train_wall_s = time.perf_counter() - self._train_started.pop(server_round)
         accepted: list[RecordDict] = []
         updates: list[ClientUpdate] = []
+        held = self.held_frames() if self.held_frames is not None else {}
         for message in replies:
             agent = agent_of(message)
             reason, update = self._check_train_reply(message, agent, reference)
+            if update is not None and 0 < held.get(agent, 0) < update.num_examples:
+                report.clipped[agent] = (
+                    f"example count {update.num_examples} capped to the {held[agent]} frames "
+                    "its status reports"
+                )
+                update = replace(update, num_examples=held[agent])
             if update is not None:
                 report.bytes_received += message.content[ARRAYS_KEY].count_bytes()
             if reason is None and agent in report.trained:
@@ -232,7 +243,7 @@ class LoRAFedAvg(FedAvg):
             report.trained.remove(agent)
             logger.warning("round {}: dropped reply from {}: {}", server_round, agent, reason)
         for agent, reason in result.clipped.items():
-            report.clipped[agent] = reason
+            report.clipped[agent] = "; ".join(filter(None, (report.clipped.get(agent), reason)))
             logger.warning("round {}: bounded reply from {}: {}", server_round, agent, reason)
         counted = [
             content

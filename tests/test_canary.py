@@ -11,11 +11,13 @@ import pytest
 import zmq
 
 from conftest import wait_until
-from zk0.hub.gate import GateBook, GateRecord, choose_canaries, decide, wait_for_decision
+from zk0.agent.distribution.updater import GateTask
+from zk0.hub.gate import GateBook, choose_canaries, decide, wait_for_decision
 from zk0.shared.agent_status import AgentReport, CanaryEvaluation, VersionScore
 from zk0.shared.config import CanaryConfig
 from zk0.shared.distribution import protocol as p
 from zk0.shared.distribution.keys import load_keypair, load_public_key
+from zk0.shared.gate_record import GateRecord
 
 GATE = CanaryConfig(agents=["arm-0", "arm-1"], min_episodes=10, margin_pp=5, mse_margin=0.05)
 
@@ -50,10 +52,15 @@ def test_the_gate_waits_for_every_canary_then_promotes_a_version_no_worse() -> N
 
 
 def test_the_gate_rejects_worse_success_worse_mse_and_silence() -> None:
-    worse = {"arm-0": evaluation(2, 4, 0.2), "arm-1": evaluation(2, 5, 0.2)}  # 45 % vs 60 %
+    # 45 % vs 60 % on 20 paired episodes is no evidence (the 95 % interval reaches 66 %) ...
+    unsure = {"arm-0": evaluation(2, 4, 0.2), "arm-1": evaluation(2, 5, 0.2)}
+    decision = decide(GATE, gate(), unsure, now=10.0)
+    assert decision is not None and decision.state == "promoted", decision
+    # ... 10 % is (its interval ends at 30 %, more than 5 points below 60 %).
+    worse = {"arm-0": evaluation(2, 1, 0.2), "arm-1": evaluation(2, 1, 0.2)}
     decision = decide(GATE, gate(), worse, now=10.0)
     assert decision is not None and decision.state == "rejected"
-    assert "15.0 points worse" in decision.reason
+    assert "worse by 50.0 points" in decision.reason
     blurry = {"arm-0": evaluation(2, 6, 0.25), "arm-1": evaluation(2, 6, 0.25)}
     decision = decide(GATE, gate(), blurry, now=10.0)
     assert decision is not None and decision.state == "rejected" and "MSE" in decision.reason
@@ -123,18 +130,16 @@ def test_a_version_under_gate_reaches_only_its_canaries_and_a_rejection_sends_th
     bad = rig.new_version()  # what a round stores under gate: the fleet stays on v0
     book.open(bad, baseline=v0)
     wait_until(lambda: agents[0].status().applied == bad, what="the canary to take it")
-    assert agents[0].status().under_gate == (bad, v0)
+    assert agents[0].status().under_gate == GateTask(bad, v0, episodes=4)
     assert isinstance(_ask_manifest(rig, server, "arm-1", bad), p.ErrorReply)
     assert isinstance(_ask_manifest(rig, server, "arm-0", bad), p.ManifestReply)
 
-    agents[0].set_report(
-        AgentReport(canary=evaluation(bad, 0, 0.9, baseline=v0, base_successes=3))
-    )
+    agents[0].set_report(AgentReport(canary=evaluation(bad, 0, 0.9, baseline=v0, base_successes=6)))
     wait_until(lambda: book.get(bad).state == "rejected", what="the gate to reject")
     decided = book.get(bad)
     assert decided is not None and decided.numbers is not None
     assert decided.numbers.candidate.success.successes == 0
-    assert "30.0 points worse" in (decided.reason or "")
+    assert "worse by 60.0 points" in (decided.reason or "")
     wait_until(lambda: agents[0].status().applied == v0, timeout_s=60, what="the canary back")
     assert agents[0].store.current().version == v0
     assert agents[0].status().under_gate is None
@@ -196,18 +201,46 @@ def test_a_canary_scores_both_versions_on_the_same_scenes_while_holding_the_comp
         robot_config=robot,
         data_root=tmp_path / "data",
         policy="tiny-sim-base",
-        canary_episodes=2,
+        canary_episodes=1,  # the hub's 2 episodes rule
     )
     arbiter, lock = Arbiter(), threading.Lock()
     follower = CanaryFollower(config, arbiter, lock)
-    follower.check((1, 0))
+    task = GateTask(candidate=1, current=0, episodes=2)
+    follower.check(task)
     assert follower.run is not None and arbiter.state is AgentState.TRAINING
-    wait_until(lambda: follower.check((1, 0)) or follower.run is None, timeout_s=240,
+    wait_until(lambda: follower.check(task) or follower.run is None, timeout_s=240,
                what="the canary evaluation")  # fmt: skip
     result = follower.result
     assert result is not None and result.complete, "the evaluation failed (see the log)"
     assert (result.candidate.version, result.current.version) == (1, 0)
     assert result.candidate.episodes == result.current.episodes == 2
     assert arbiter.lease is None  # the compute is free again
-    follower.check((1, 0))
+    follower.check(task)
     assert follower.run is None  # once per gate, not in a loop
+
+
+def test_a_real_arm_canary_counts_only_labelled_episodes_and_completes_when_it_has_enough(
+    tmp_path: Path,
+) -> None:
+    from zk0.agent.canary import _with_labels
+    from zk0.agent.task_labels import FILE_NAME, TaskEpisodeStore
+    from zk0.shared.config import AgentConfig
+
+    config = AgentConfig(agent_id="arm-0", robot_config=Path("so101"), data_root=tmp_path)
+    store = TaskEpisodeStore(tmp_path / FILE_NAME)
+    measured = CanaryEvaluation(  # what the child gives a real arm: MSE, never episodes
+        candidate=VersionScore(version=2, mse=0.2, mse_frames=64),
+        current=VersionScore(version=1, mse=0.2, mse_frames=64),
+        complete=True,
+    )
+    for version, labels in ((1, ["success", "success", "failure"]), (2, ["failure"])):
+        for label in labels:
+            store.add(job=1, started_at=0.0, ended_at=1.0, adapter_version=version, auto=None)
+            store.label(label)  # type: ignore[arg-type]
+    store.add(job=1, started_at=0.0, ended_at=1.0, adapter_version=2, auto=None)  # unlabelled
+    early = _with_labels(config, measured, needed=2)
+    assert (early.candidate.successes, early.candidate.episodes) == (0, 1)
+    assert (early.current.successes, early.current.episodes) == (2, 3)
+    assert not early.complete  # the hub waits for the second labelled candidate episode
+    store.label("success")
+    assert _with_labels(config, measured, needed=2).complete

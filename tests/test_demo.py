@@ -1,8 +1,11 @@
-"""The demo end to end, reduced (2 agents, 2 rounds), with an agent SIGKILLed in round 2.
+"""The demo end to end, reduced (2 agents, 2 rounds), with an agent SIGKILLed in round 2 and a
+broken version injected through the canary gate afterwards.
 
 Real daemons (``zk0-hub run``, ``zk0-agent run``), a real SuperLink and SuperNodes, real
 ZeroMQ distribution and the simulated SO-101: the round completes with the surviving agent,
-the demo's supervisor restarts the killed one, and it converges to the newest version.
+the demo's supervisor restarts the killed one, and it converges to the newest version. Every
+version waits for the canary (``sim-01``); the broken one is rejected on the canary's numbers,
+reaches no other agent, and the canary goes back.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from zk0.hub.history import HISTORY_FILE
 from zk0.shared.store import AdapterStore
 
 
-def test_a_killed_agent_restarts_and_converges(
+@pytest.mark.timeout(1500)  # real daemons, a run and three canary evaluations on 2 busy cores
+def test_a_killed_agent_restarts_and_converges_and_a_broken_version_is_stopped_at_the_gate(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     options = DemoOptions(
@@ -31,6 +35,7 @@ def test_a_killed_agent_restarts_and_converges(
         mid_eval_episodes=0,
         outputs=tmp_path / "outputs",
         chaos_kill_round=2,
+        inject_bad_version=True,
         timeout_s=900,
     )
     run_dir = run_demo(options)
@@ -38,7 +43,7 @@ def test_a_killed_agent_restarts_and_converges(
     results = DemoResults.model_validate_json((run_dir / RESULTS_FILE).read_text())
     newest = results.newest
     store = AdapterStore(run_dir / "hub" / "adapters")
-    assert store.latest_version() == newest
+    assert store.latest_version() == newest + 1  # the injected version, stored but rejected
     round_2 = store.manifest(newest).metrics
     assert round_2["clients_trained"] == 1 and round_2["clients_dropped"] == 1
     assert store.manifest(newest - 1).metrics["clients_trained"] == 2
@@ -63,3 +68,17 @@ def test_a_killed_agent_restarts_and_converges(
     assert "zk0 demo: 2 simulated SO-101 agents" in printed and f"v{newest}" in printed
     assert "eval_mse_chart.png" in printed and "mean success over agents" in printed
     assert "demo wall time" in printed
+
+    # Every round's version went through the gate on the canary's evaluation.
+    rounds = [g for g in results.hub.gates if g.version <= newest]
+    assert rounds and all(g.state != "open" and g.canaries == ("sim-01",) for g in rounds)
+    injected = results.injected
+    assert injected is not None and injected.gate.version == newest + 1
+    gate = injected.gate
+    assert gate.state == "rejected" and gate.numbers is not None, gate
+    evaluation = gate.numbers.agents["sim-01"]
+    assert evaluation.candidate.mse is not None and evaluation.current.mse is not None
+    assert evaluation.candidate.mse > evaluation.current.mse
+    assert injected.applied_by_others == []
+    assert injected.back_after_s is not None and injected.back_after_s <= 60
+    assert f"injected version {newest + 1}" in printed and "rejected by the canary gate" in printed

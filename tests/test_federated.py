@@ -8,6 +8,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,11 +16,13 @@ import pytest
 from zk0.agent.episode_cache import client_datasets
 from zk0.agent.supernode import SuperNode
 from zk0.bench.federated import start_supernodes
+from zk0.hub.flower_app import CLIENT_APP, write_flower_app
 from zk0.hub.superlink import SimulationSuperLink, SuperLink, SuperLinkSettings
-from zk0.shared.artifact import verify_artifact
+from zk0.shared.artifact import TENSORS_FILE, verify_artifact
 from zk0.shared.federation import RunSettings
 from zk0.shared.flower_keys import make_tls
 from zk0.shared.processes import free_port
+from zk0.shared.safetensors_file import read_float_tensors
 from zk0.shared.store import AdapterStore
 
 EPISODES, EPISODE_S = 6, 6.0
@@ -45,7 +48,12 @@ def _assert_every_client_improved(history: dict[str, object], agents: list[str])
         assert series[-1] < series[0], f"{agent}: eval MSE {series[0]:.4f} -> {series[-1]:.4f}"
 
 
-def test_simulation_with_four_clients(datasets: dict[str, Path], tmp_path: Path) -> None:
+def test_simulation_with_four_clients_one_of_them_hostile(
+    datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    """Four simulated arms, the real ServerApp; ``sim-03`` runs a hostile ClientApp that
+    scales its trained update x1e4 (``tests/flower_apps/poisoned_clientapp.py``): its reply is
+    dropped or bounded, every stored version keeps the bounds, and the honest arms improve."""
     sim_root = tmp_path / "sim-data"
     sim_root.mkdir()
     for agent, root in datasets.items():
@@ -61,18 +69,38 @@ def test_simulation_with_four_clients(datasets: dict[str, Path], tmp_path: Path)
         }
     )
     link = SimulationSuperLink(4, tmp_path / "flwr-home", tmp_path / "logs")
+    # The simulation engine imports the test's ClientApp from here.
+    link.env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).parent / "flower_apps"), link.env.get("PYTHONPATH")])
+    )
+    app = write_flower_app(tmp_path / "hostile-app")
+    pyproject = app / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace(CLIENT_APP, "poisoned_clientapp:app"))
     try:
         link.start()
-        result = link.run(settings, timeout_s=900)
+        argv = link.run_args(settings)
+        argv[1] = str(app)
+        result = link.flwr(*argv, timeout_s=900)
     finally:
         link.stop()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     history = _history(run_dir)
     assert history["rounds"] == [0, 1, 2] and history["aggregation"] == "fedavg"
-    _assert_every_client_improved(history, list(datasets))
+    honest = ["sim-00", "sim-01", "sim-02"]
+    _assert_every_client_improved(
+        {**history, "clients": {a: history["clients"][a] for a in honest}},
+        honest,  # type: ignore[index]
+    )
+    hub_log = (run_dir / "hub" / "hub.log").read_text()
+    assert "dropped reply from sim-03" in hub_log or "bounded reply from sim-03" in hub_log, (
+        hub_log[-3000:]
+    )
     store = AdapterStore(run_dir / "hub" / "adapters")
     assert store.versions() == [0, 1, 2]
-    assert store.manifest(2).metrics["clients_trained"] == 4
+    for version in (1, 2):
+        tensors = read_float_tensors(store.path(version) / TENSORS_FILE)
+        largest = max(float(np.abs(t).max()) for t in tensors.values())
+        assert np.isfinite(largest) and largest < 10.0, (version, largest)
 
 
 def _poison(source: Path, target: Path) -> Path:

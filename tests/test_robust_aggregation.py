@@ -376,6 +376,27 @@ def test_a_poisoned_reply_is_dropped_in_the_strategy_report() -> None:
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_an_example_count_beyond_what_the_agent_reports_holding_is_capped() -> None:
+    reference = _reference()
+    replies = _honest(reference, "fedavg", 3)
+    messages = [train_reply(arrays, 100, f"arm-{i}") for i, arrays in enumerate(replies)]
+    messages[2] = train_reply(replies[2], 10_000_000, "arm-2")
+    strategy = LoRAFedAvg(
+        min_train_nodes=2, min_available_nodes=2, held_frames=lambda: {"arm-2": 100}
+    )
+    capped = _round(strategy, reference, messages)
+    honest = _round(
+        LoRAFedAvg(min_train_nodes=2, min_available_nodes=2),
+        reference,
+        [train_reply(arrays, 100, f"arm-{i}") for i, arrays in enumerate(replies)],
+    )
+    assert capped is not None and honest is not None
+    for name, value in honest.items():  # weighed as the 100 frames it holds, not 10M
+        np.testing.assert_allclose(capped[name], value, rtol=1e-6)
+    assert "capped to the 100 frames its status reports" in strategy.report(1).clipped["arm-2"]
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_a_second_reply_under_the_same_agent_id_does_not_count_twice() -> None:
     reference = _reference()
     first, second, third = _honest(reference, "fedavg", 3)

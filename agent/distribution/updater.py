@@ -68,6 +68,16 @@ class SubscriberOptions:
 
 
 @dataclass(frozen=True)
+class GateTask:
+    """A canary's task: score ``candidate`` against ``current`` (the version the fleet runs)
+    on at least ``episodes`` closed-loop episodes each, where the arm can give them."""
+
+    candidate: int
+    current: int
+    episodes: int
+
+
+@dataclass(frozen=True)
 class SubscriberStatus:
     agent_id: str
     applied: int | None = None  # verified, stored and current in the store
@@ -79,9 +89,8 @@ class SubscriberStatus:
     bytes_rx: int = 0  # application bytes received and sent (all frames), for the bench
     bytes_tx: int = 0
     versions_applied: int = 0
-    #: Canary rollout: (version under gate, the fleet's version to compare it with) while this
-    #: agent is a canary of that version; what the agent daemon evaluates.
-    under_gate: tuple[int, int] | None = None
+    #: Canary rollout: while this agent is a canary of a version, what the daemon evaluates.
+    under_gate: GateTask | None = None
 
 
 class StatusBox:
@@ -183,9 +192,13 @@ class Updater:
         to it if the hub withdrew the version we run (a canary whose version was rejected)."""
         if offer.version is None or offer.artifact_id is None or offer.version in offer.withdrawn:
             return
-        applied = self.status.get().applied
+        applied, gate = self.status.get().applied, self.status.get().under_gate
         if isinstance(offer, p.Latest):
             self._follow_gate(offer)
+        elif gate is not None and (
+            gate.candidate in offer.withdrawn or offer.version >= gate.candidate
+        ):
+            self.status.update(under_gate=None)  # decided: rejected, or promoted to the fleet
         going_back = applied is not None and applied in offer.withdrawn and offer.version < applied
         if going_back and self._back_from_store(offer, applied):
             return
@@ -237,11 +250,14 @@ class Updater:
     def _follow_gate(self, offer: p.Latest) -> None:
         """A canary is told so in each reply to its status; anyone else is not one (any more)."""
         assert offer.version is not None
-        gate = (offer.version, offer.gate_baseline) if offer.gate_baseline is not None else None
+        gate = None
+        if offer.gate_baseline is not None:
+            gate = GateTask(offer.version, offer.gate_baseline, offer.gate_episodes or 0)
         if gate != self.status.get().under_gate:
             self.status.update(under_gate=gate)
             if gate is not None:
-                logger.info("canary of version {} (the fleet runs version {})", *gate)
+                logger.info("canary of version {} (the fleet runs version {})",
+                            gate.candidate, gate.current)  # fmt: skip
 
     def _back_from_store(self, offer: p.Offer, withdrawn: int | None) -> bool:
         """The hub withdrew ``withdrawn`` (its canary gate rejected it): back to the offered

@@ -109,6 +109,8 @@ class Latest(Offer):
     #: Canary rollout (2.2): set only in the reply to a canary, whose offer is then the version
     #: under gate; the canary evaluates it against this version, the one the fleet runs.
     gate_baseline: Count | None = None
+    #: ... and the closed-loop episodes it needs from each canary (the hub's ``min_episodes``).
+    gate_episodes: Count | None = None
 
 
 class Status(Message):
