@@ -76,7 +76,7 @@ class GateBook:
         return sorted(found, key=lambda record: record.version)
 
     def open_gate(self) -> GateRecord | None:
-        """The newest gate still open, if any (a new round's version supersedes older ones)."""
+        """The gate still open, if any (opening one closes any other)."""
         pending = [record for record in self.records() if record.state == "open"]
         return pending[-1] if pending else None
 
@@ -85,8 +85,17 @@ class GateBook:
         return [record.version for record in self.records() if record.state == "rejected"]
 
     def open(self, version: int, baseline: int, now: float | None = None) -> GateRecord:
-        record = GateRecord(version=version, baseline=baseline, opened_at=now or time.time())
+        """Put ``version`` under gate; a gate still open (its run died) is superseded by it."""
+        now = now or time.time()
+        record = GateRecord(version=version, baseline=baseline, opened_at=now)
         with file_lock(self._lock):
+            superseded = {
+                "state": "rejected",
+                "decided_at": now,
+                "reason": f"superseded by version {version} before a decision",
+            }
+            for stale in (r for r in self.records() if r.state == "open"):
+                self._write(stale.model_copy(update=superseded))
             self._write(record)
         logger.info("version {} is under gate (the fleet stays on version {})", version, baseline)
         return record

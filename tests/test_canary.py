@@ -244,3 +244,12 @@ def test_a_real_arm_canary_counts_only_labelled_episodes_and_completes_when_it_h
     assert not early.complete  # the hub waits for the second labelled candidate episode
     store.label("success")
     assert _with_labels(config, measured, needed=2).complete
+
+
+def test_a_gate_left_open_by_a_dead_run_is_superseded_by_the_next(tmp_path: Path) -> None:
+    book = GateBook(tmp_path)
+    book.open(3, baseline=2)
+    book.open(4, baseline=2)
+    stale = book.get(3)
+    assert stale is not None and stale.state == "rejected" and "superseded" in (stale.reason or "")
+    assert book.open_gate() == book.get(4) and book.withdrawn() == [3]
