@@ -53,7 +53,12 @@ def recorded(name: str, options: dict[str, Any], episodes: int, episode_time_s: 
         staging = staging_dir_for(folder)
         shutil.rmtree(staging)
         try:
-            record_episodes(config, staging, episodes, repo_id=f"zk0/{name}")
+            result = record_episodes(config, staging, episodes, repo_id=f"zk0/{name}")
+            if result.total_episodes != episodes:  # stopped early (SIGTERM): never cached
+                raise RuntimeError(
+                    f"recording {name} stopped after {result.total_episodes} of {episodes} "
+                    f"episodes ({result.stopped_by or 'unknown'}): not cached"
+                )
             publish_dir(staging, folder)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
