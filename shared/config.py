@@ -291,8 +291,8 @@ class CanaryConfig(StrictModel):
     )  # fmt: skip
     margin_pp: float = Field(
         default=5.0, ge=0.0, le=100.0,
-        description="Reject when the candidate's success is below the current version's by "
-        "more than this many points.",
+        description="Reject when the upper end of the candidate's 95 % success interval lies "
+        "more than this many points below the current version's rate.",
     )  # fmt: skip
     mse_margin: float = Field(
         default=0.05, ge=0.0, le=10.0,
