@@ -31,7 +31,7 @@ import yaml
 from loguru import logger
 
 from zk0.agent.arbiter import AgentState, Arbiter
-from zk0.agent.distribution.updater import GateTask
+from zk0.agent.distribution.state import GateTask
 from zk0.shared.agent_status import CanaryEvaluation, VersionScore
 from zk0.shared.config import AgentConfig, RobotConfig, load_agent_config
 

@@ -26,9 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from numpy.typing import NDArray
 
 from zk0.hub.aggregation import MAX_EXAMPLES_PER_CLIENT, Arrays
+from zk0.hub.strategy import to_record
+from zk0.shared.federation import AGENT_ID, ARRAYS_KEY, EXAMPLES, META_KEY, METRICS_KEY
 from zk0.shared.normalization import Stats
 
 #: (mean honest arrays, reference, malicious index, round) -> the malicious arrays.
@@ -110,3 +113,15 @@ def mean_arrays(replies: list[Arrays]) -> Arrays:
         )
         for name, first in replies[0].items()
     }
+
+
+def train_reply(arrays: Arrays, examples: int, agent: str) -> Message:
+    """A ClientApp's train reply as the strategy receives it (tests/conftest.py's helper)."""
+    content = RecordDict(
+        {
+            ARRAYS_KEY: to_record(arrays),
+            METRICS_KEY: MetricRecord({EXAMPLES: examples}),
+            META_KEY: ConfigRecord({AGENT_ID: agent}),
+        }
+    )
+    return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)

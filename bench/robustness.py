@@ -38,14 +38,14 @@ from typing import Annotated, Any, cast
 import numpy as np
 import torch
 import typer
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
 from loguru import logger
 from safetensors.numpy import load_file
 
 from zk0.bench._common import write_result
 from zk0.bench._learning_clients import Client
-from zk0.bench._robustness_attacks import ATTACKS, Attack, mean_arrays, poisoned
+from zk0.bench._robustness_attacks import ATTACKS, Attack, mean_arrays, poisoned, train_reply
 from zk0.bench._robustness_fleet import Fleet, Training, arrays_digest, fleet_clients
 from zk0.bench._robustness_summary import BARS, CLIENTS, relative, summarize
 from zk0.hub.aggregation import Arrays
@@ -55,12 +55,7 @@ from zk0.shared.adapter_bounds import PEFT_PREFIX
 from zk0.shared.artifact import TENSORS_FILE
 from zk0.shared.features import PolicyFeatures
 from zk0.shared.federation import (
-    AGENT_ID,
-    ARRAYS_KEY,
-    EXAMPLES,
     FLEET_VERSION,
-    META_KEY,
-    METRICS_KEY,
     NORMALIZATION,
     RunSettings,
 )
@@ -98,18 +93,6 @@ class _Grid:
 
     def get_node_ids(self) -> list[int]:
         return self.nodes
-
-
-def train_reply(arrays: Arrays, examples: int, agent: str) -> Message:
-    """A ClientApp's train reply as the strategy receives it (tests/conftest.py's helper)."""
-    content = RecordDict(
-        {
-            ARRAYS_KEY: to_record(arrays),
-            METRICS_KEY: MetricRecord({EXAMPLES: examples}),
-            META_KEY: ConfigRecord({AGENT_ID: agent}),
-        }
-    )
-    return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
 
 
 class Bench:

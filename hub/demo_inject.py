@@ -31,7 +31,7 @@ class InjectedVersion(BaseModel):
     gate: GateRecord
     #: Agents other than the canaries that ever applied it (none, if the gate holds).
     applied_by_others: list[str]
-    #: Seconds from the decision until every canary was back on the current version.
+    #: Seconds from the decision until every canary ran the current version again.
     back_after_s: float | None
 
 
@@ -82,8 +82,8 @@ def inject_bad_version(demo: Demo) -> InjectedVersion:
             return False
         if record.state == "promoted":  # the gate let it through: shown as such, not waited on
             return True
-        back = [statuses[name] for name in canaries]
-        if all(status is not None and status.applied == current for status in back):
+        back = [statuses[name] for name in canaries]  # stored and running it again
+        if all(s is not None and s.applied == s.in_use == current for s in back):
             back_at.append(time.time())
             return True
         return False

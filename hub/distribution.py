@@ -283,8 +283,11 @@ class DistributionServer:
                 logger.exception("distribution loop error; continuing")
                 time.sleep(0.05)
 
-    def _offer[O: p.Offer](self, kind: type[O]) -> O:
-        served = self._announced
+    def _offer[O: p.Offer](
+        self, kind: type[O], served: ServedVersion | None = None, **gate: int
+    ) -> O:
+        """``kind`` naming ``served`` (default: the announced version), with ``gate`` fields."""
+        served = served or self._announced
         return kind(
             hub=self.hub_id,
             seq=self._seq,
@@ -294,6 +297,7 @@ class DistributionServer:
             size=served.size if served else None,
             base_id=served.manifest.base.id if served else None,
             withdrawn=self.gates.withdrawn if self.gates is not None else (),
+            **gate,
         )
 
     def _latest_for(self, agent_id: str) -> p.Latest:
@@ -301,18 +305,10 @@ class DistributionServer:
         open gate the version under gate with the version to compare it with."""
         gate = self.gates.canary_offer(agent_id) if self.gates is not None else None
         served = self.cache.get(gate.version) if gate is not None else None
-        if gate is None or served is None:
+        if self.gates is None or gate is None or served is None:
             return self._offer(p.Latest)
-        return self._offer(p.Latest).model_copy(
-            update={
-                "version": served.version,
-                "artifact_id": served.artifact_id,
-                "size": served.size,
-                "base_id": served.manifest.base.id,
-                "gate_baseline": gate.baseline,
-                "gate_episodes": self.gates.config.min_episodes if self.gates else None,
-            }
-        )
+        episodes = self.gates.config.min_episodes
+        return self._offer(p.Latest, served, gate_baseline=gate.baseline, gate_episodes=episodes)
 
     def _announce(self) -> None:
         self._seq += 1

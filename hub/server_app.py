@@ -25,20 +25,18 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
-    Message,
-    MessageType,
     MetricRecord,
-    RecordDict,
 )
 from flwr.serverapp import Grid, ServerApp
 from loguru import logger
 
 from zk0.hub.aggregation import Arrays
 from zk0.hub.fleet import load_fleet
+from zk0.hub.fleet_stats import gather_stats
 from zk0.hub.gate import GateBook, wait_for_decision
 from zk0.hub.history import EvalHistory
 from zk0.hub.server_optimizer import OptimizerState, load_state, run_key, save_state, state_path
-from zk0.hub.strategy import LoRAFedAvg, agent_of, to_numpy, to_record
+from zk0.hub.strategy import LoRAFedAvg, to_numpy, to_record
 from zk0.shared.adapter_bounds import (
     BoundsVerdict,
     NormHistory,
@@ -50,11 +48,9 @@ from zk0.shared.artifact import TENSORS_FILE, ArtifactError, save_adapter, save_
 from zk0.shared.config import load_robot_config
 from zk0.shared.features import PolicyFeatures
 from zk0.shared.federation import (
-    CONFIG_KEY,
     EVAL_MSE,
     FLEET_VERSION,
     NORMALIZATION,
-    STATS_KEY,
     RunSettings,
 )
 from zk0.shared.logs import new_run_dir, setup_logging
@@ -62,10 +58,8 @@ from zk0.shared.lora import adapter_state, apply_lora
 from zk0.shared.normalization import (
     NORMALIZATION_FILE,
     Stats,
-    combine_all,
     dumps,
     loads,
-    select_robust_stats,
 )
 from zk0.shared.policy_factory import build_policy, resolve_base
 from zk0.shared.store import AdapterStore
@@ -228,48 +222,6 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
             )
         time.sleep(1.0)
     return nodes
-
-
-def gather_stats(grid: Grid, nodes: list[int], timeout_s: float, settings: RunSettings) -> Stats:
-    """Ask every node for its feature statistics (never samples) and combine them, bounded.
-
-    Self-reported, so bounded before they are combined (``zk0.shared.normalization``): each
-    agent's count capped to ``max-client-share`` of the total, and with three agents or more
-    one whose mean or std lies more than ``stats-outlier-z`` robust z-scores from the others'
-    dropped; each with a log line naming the agent.
-    """
-    messages = [
-        Message(
-            RecordDict({CONFIG_KEY: ConfigRecord({"request": "stats"})}), node, MessageType.QUERY
-        )
-        for node in nodes
-    ]
-    per_agent: dict[str, Stats] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout_s):
-        agent = agent_of(reply)
-        try:
-            if reply.has_error():
-                raise ValueError(reply.error.reason)
-            if agent in per_agent:
-                raise ValueError("a second reply from the same agent")
-            per_agent[agent] = loads(bytes(reply.content[STATS_KEY][NORMALIZATION]))  # type: ignore[arg-type]
-        except (KeyError, ValueError) as error:
-            logger.warning("statistics from {} dropped: {}", agent, error)
-    selected, notes = select_robust_stats(
-        per_agent, settings.max_client_share, settings.stats_outlier_z
-    )
-    for agent, note in notes.items():
-        logger.warning(
-            "statistics from {} {}: {}",
-            agent,
-            "bounded" if note.startswith("count capped") else "dropped",
-            note,
-        )
-    combined = combine_all(selected)
-    logger.info(
-        "shared normalization from {} agents, {} frames", len(selected), combined["action"].count
-    )
-    return combined
 
 
 @app.main()

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import train_steps
-from zk0.agent.distribution.updater import StatusBox, SubscriberOptions, Updater
+from zk0.agent.distribution.state import StatusBox, SubscriberOptions
+from zk0.agent.distribution.updater import Updater
 from zk0.shared.adapter_bounds import (
     PEFT_PREFIX,
     AdapterBounds,

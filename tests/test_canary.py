@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from conftest import wait_until
-from zk0.agent.distribution.updater import GateTask
+from zk0.agent.distribution.state import GateTask
 from zk0.hub.gate import GateBook, choose_canaries, decide, wait_for_decision
 from zk0.shared.agent_status import AgentReport, CanaryEvaluation, VersionScore
 from zk0.shared.config import CanaryConfig

@@ -30,14 +30,8 @@ import zmq
 from loguru import logger
 from zmq.utils.monitor import recv_monitor_message
 
-from zk0.agent.distribution.updater import (
-    BaseNorms,
-    OnNewVersion,
-    StatusBox,
-    SubscriberOptions,
-    SubscriberStatus,
-    Updater,
-)
+from zk0.agent.distribution.state import StatusBox, SubscriberOptions, SubscriberStatus
+from zk0.agent.distribution.updater import BaseNorms, OnNewVersion, Updater
 from zk0.shared.adapter_bounds import AdapterBounds, PolicyBaseNorms
 from zk0.shared.agent_status import AgentReport
 from zk0.shared.config import AgentConfig, AgentKeys, HubAddress

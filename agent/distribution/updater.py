@@ -17,21 +17,19 @@ failed transfer (bytes that do not hash to the manifest, a full disk) is only re
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loguru import logger
 
 from zk0.agent.distribution.fetch import Download, Target, clear_incoming
+from zk0.agent.distribution.state import GateTask, StatusBox, SubscriberOptions
 from zk0.shared.adapter_bounds import (
     AdapterBounds,
     NormHistory,
     check_adapter,
 )
-from zk0.shared.agent_status import AgentReport
 from zk0.shared.artifact import (
     TENSORS_FILE,
     ArtifactContentError,
@@ -49,74 +47,6 @@ OnNewVersion = Callable[[int, Path, Manifest], None]
 #: Given a version's base id: ‖W‖_F per adaptable module of that base as this agent has it, or
 #: None when this agent does not run that base (then only the other bounds are checked).
 BaseNorms = Callable[[str], Mapping[str, float] | None]
-
-
-@dataclass(frozen=True)
-class SubscriberOptions:
-    chunk_bytes: int = p.DEFAULT_CHUNK_BYTES
-    credit: int = 8  # chunk requests in flight per download
-    request_timeout_s: float = 3.0  # no reply for this long: ask again
-    max_retries: int = 3  # then give the download up until the next announce
-    keep_versions: int = 8
-    refused_retry_s: float = 30.0  # a transfer that failed verification is not refetched sooner
-    reconnect_ivl_ms: int = 100
-    reconnect_ivl_max_ms: int = 2000
-    #: Test hooks only: sleep after each chunk and between the install steps, so that fault
-    #: tests can land a SIGKILL inside a transfer or a store write.
-    throttle_s: float = 0.0
-    stage_delay_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class GateTask:
-    """A canary's task: score ``candidate`` against ``current`` (the version the fleet runs)
-    on at least ``episodes`` closed-loop episodes each, where the arm can give them."""
-
-    candidate: int
-    current: int
-    episodes: int
-
-
-@dataclass(frozen=True)
-class SubscriberStatus:
-    agent_id: str
-    applied: int | None = None  # verified, stored and current in the store
-    in_use: int | None = None  # the version the inference engine computed its last chunk with
-    report: AgentReport = field(default_factory=AgentReport)  # what the daemon says it does
-    sync: str = "starting"  # starting, up_to_date, fetching, hub_silent, denied, ...
-    error: str | None = None
-    hub_id: str | None = None
-    bytes_rx: int = 0  # application bytes received and sent (all frames), for the bench
-    bytes_tx: int = 0
-    versions_applied: int = 0
-    #: Canary rollout: while this agent is a canary of a version, what the daemon evaluates.
-    under_gate: GateTask | None = None
-
-
-class StatusBox:
-    """The subscriber's status, shared between its thread and the agent's (thread-safe)."""
-
-    def __init__(self, agent_id: str) -> None:
-        self._lock = threading.Lock()
-        self._status = SubscriberStatus(agent_id)
-
-    def get(self) -> SubscriberStatus:
-        with self._lock:
-            return self._status
-
-    def update(self, **changes: object) -> None:
-        with self._lock:
-            self._status = replace(self._status, **changes)  # type: ignore[arg-type]
-
-    def count(self, rx: int = 0, tx: int = 0, applied: int = 0) -> None:
-        with self._lock:
-            s = self._status
-            self._status = replace(
-                s,
-                bytes_rx=s.bytes_rx + rx,
-                bytes_tx=s.bytes_tx + tx,
-                versions_applied=s.versions_applied + applied,
-            )
 
 
 class Updater:
