@@ -196,6 +196,10 @@ class CanaryFollower:
                     result.candidate.version, _describe(result.candidate),
                     result.current.version, _describe(result.current))  # fmt: skip
 
+    def owns(self, pid: int) -> bool:
+        """Whether ``pid`` is this follower's evaluation child (its lease is no round's)."""
+        return self.run is not None and self.run.pid == pid
+
     def stop(self) -> None:
         if self.run is not None:
             self.run.stop()

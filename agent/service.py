@@ -216,7 +216,7 @@ class AgentService:
         """One bounded turn of the main loop (besides answering the control socket)."""
         with self.lock:
             dead = self.arbiter.reap(process_alive)
-        if dead is not None:
+        if dead is not None and not self.canary.owns(dead.pid):  # a round's, not the canary's
             why = "its ClientApp process died while it held the compute"
             logger.warning(
                 "round {} ({}) ended without a reply: {}", dead.server_round, dead.phase, why
