@@ -36,6 +36,7 @@ from zk0.shared.agent_status import CanaryEvaluation, VersionScore
 from zk0.shared.config import AgentConfig, RobotConfig, load_agent_config
 
 if TYPE_CHECKING:
+    from zk0.agent.task_labels import TaskEpisodeStore
     from zk0.shared.policy_factory import LoadedPolicy
 
 #: The child's exit within this long after the daemon asks it to stop.
@@ -146,9 +147,17 @@ class CanaryFollower:
     candidate has the episodes the hub asked for.
     """
 
-    def __init__(self, config: AgentConfig, arbiter: Arbiter, lock: threading.Lock) -> None:
-        self.config, self.arbiter, self.lock = config, arbiter, lock
-        self.simulated = config.load_robot_config().robot.type == "sim_so101"
+    def __init__(
+        self,
+        config: AgentConfig,
+        robot: RobotConfig,
+        labels: TaskEpisodeStore,
+        arbiter: Arbiter,
+        lock: threading.Lock,
+    ) -> None:
+        """``robot`` and ``labels``: the daemon's own (its arm, its task episodes in memory)."""
+        self.config, self.labels, self.arbiter, self.lock = config, labels, arbiter, lock
+        self.simulated = robot.robot.type == "sim_so101"
         self.run: CanaryRun | None = None
         self.result: CanaryEvaluation | None = None
         self._tried: GateTask | None = None
@@ -163,7 +172,7 @@ class CanaryFollower:
             return
         if task is not None and task == self._tried:
             if not self.simulated and self.result is not None and not self.result.complete:
-                self.result = _with_labels(self.config, self.result, task.episodes)
+                self.result = _with_labels(self.labels, self.result, task.episodes)
             return
         if task is None:
             return
@@ -190,7 +199,7 @@ class CanaryFollower:
             logger.warning("canary evaluation of version {}: {}", run.task.candidate, result)
             return
         if not self.simulated:
-            result = _with_labels(self.config, result, run.task.episodes)
+            result = _with_labels(self.labels, result, run.task.episodes)
         self.result = result
         logger.info("canary evaluation: version {} {}, version {} {}",
                     result.candidate.version, _describe(result.candidate),
@@ -205,22 +214,22 @@ class CanaryFollower:
             self.run.stop()
 
 
-def _labelled(config: AgentConfig, score: VersionScore) -> VersionScore:
+def _labelled(labels: TaskEpisodeStore, score: VersionScore) -> VersionScore:
     """``score`` with the success of the task episodes operators labelled under its version."""
-    from zk0.agent.task_labels import FILE_NAME, TaskEpisodeStore
-
-    counts = TaskEpisodeStore(config.data_root / FILE_NAME).version_counts(score.version)
+    counts = labels.version_counts(score.version)
     return score.model_copy(
         update={"successes": counts.success.successes, "episodes": counts.success.episodes}
     )
 
 
-def _with_labels(config: AgentConfig, result: CanaryEvaluation, needed: int) -> CanaryEvaluation:
+def _with_labels(
+    labels: TaskEpisodeStore, result: CanaryEvaluation, needed: int
+) -> CanaryEvaluation:
     """A real arm's evaluation with today's labels; complete once the candidate has enough."""
-    candidate = _labelled(config, result.candidate)
+    candidate = _labelled(labels, result.candidate)
     return CanaryEvaluation(
         candidate=candidate,
-        current=_labelled(config, result.current),
+        current=_labelled(labels, result.current),
         complete=candidate.episodes >= needed,
     )
 

@@ -85,7 +85,9 @@ class AgentService:
             first_id=self.task_episodes.last_job + 1,
         )
         self._status_line = ""
-        self.canary = CanaryFollower(self.config, self.arbiter, self.lock)
+        self.canary = CanaryFollower(
+            self.config, self.robot_config, self.task_episodes, self.arbiter, self.lock
+        )
 
     # -- the daemon -------------------------------------------------------------------------------
     def run(self) -> None:

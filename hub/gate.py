@@ -45,7 +45,7 @@ _POLL_S = 0.5
 
 
 class GateBook:
-    """The gate records of one adapter store; every change atomic, under the store's lock.
+    """The gate records of one adapter store; every change atomic, under the book's own lock.
 
     Written by two processes (the ServerApp opens, the hub daemon decides; the ServerApp closes
     a gate nobody decided after its timeout), so a decision is made once: the first writer wins.
@@ -75,9 +75,10 @@ class GateBook:
                 found.append(record)
         return sorted(found, key=lambda record: record.version)
 
-    def open_gate(self) -> GateRecord | None:
-        """The gate still open, if any (opening one closes any other)."""
-        pending = [record for record in self.records() if record.state == "open"]
+    def open_gate(self, records: list[GateRecord] | None = None) -> GateRecord | None:
+        """The gate still open, if any (opening one closes any other); from ``records`` when
+        the caller has just read them."""
+        pending = [r for r in (self.records() if records is None else records) if r.state == "open"]
         return pending[-1] if pending else None
 
     def withdrawn(self) -> list[int]:

@@ -47,19 +47,20 @@ class GateKeeper:
         self._stamp = stamp
         now = now or time.time()
         before = (self.open, self.withdrawn)
-        gate = self.book.open_gate()
+        records = self.book.records()  # read once a tick; again only after this tick wrote
+        gate = self.book.open_gate(records)
         if gate is not None and not gate.canaries:
             known = [record.agent_id for record in self.fleet.records() if not record.revoked]
-            canaries = choose_canaries(self.config, known, gate.version)
-            gate = self.book.assign(gate.version, canaries)
+            gate = self.book.assign(gate.version, choose_canaries(self.config, known, gate.version))
             if gate is not None:
                 logger.info("version {}: canaries {}", gate.version, ", ".join(gate.canaries))
-        if gate is not None and gate.state == "open":
-            gate = self._decide(gate, now)
-        else:
-            self._follow_promotions()
+        if gate is not None and gate.state == "open" and self._decide(gate, now):
+            records = self.book.records()
+            gate = None
+        self._follow_promotions(records)
         self.open = gate if gate is not None and gate.state == "open" else None
-        self.withdrawn = tuple(self.book.withdrawn()[-MAX_WITHDRAWN:])
+        rejected = [record.version for record in records if record.state == "rejected"]
+        self.withdrawn = tuple(rejected[-MAX_WITHDRAWN:])
         return (self.open, self.withdrawn) != before
 
     def canary_offer(self, agent_id: str | None) -> GateRecord | None:
@@ -74,15 +75,16 @@ class GateKeeper:
         gate = self.open
         return gate is None or version != gate.version or agent_id in gate.canaries
 
-    def _follow_promotions(self) -> None:
+    def _follow_promotions(self, records: list[GateRecord]) -> None:
         """Make the newest promoted version current (the distribution loop announces it); also
         after a crash between a decision and the switch."""
-        promoted = [r.version for r in self.book.records() if r.state == "promoted"]
+        promoted = [r.version for r in records if r.state == "promoted"]
         current = self.store.current()
         if promoted and (current is None or current.version < promoted[-1]):
             self.store.set_current(promoted[-1])
 
-    def _decide(self, gate: GateRecord, now: float) -> GateRecord:
+    def _decide(self, gate: GateRecord, now: float) -> bool:
+        """Decide ``gate`` if its canaries' reports allow; True once it is decided."""
         evaluations = {
             record.agent_id: record.report.canary
             for record in self.fleet.records()
@@ -90,9 +92,8 @@ class GateKeeper:
         }
         decision = decide(self.config, gate, evaluations, now)
         if decision is None:
-            return gate
+            return False
         record = self.book.close(gate.version, decision)
-        self._follow_promotions()
         log = logger.info if record.state == "promoted" else logger.warning
         log("version {} {} by its canary gate: {}", record.version, record.state, record.reason)
-        return record
+        return True

@@ -172,6 +172,7 @@ def test_a_canary_scores_both_versions_on_the_same_scenes_while_holding_the_comp
     from zk0.agent.canary import CanaryFollower
     from zk0.agent.distribution.subscriber import ADAPTERS_DIR
     from zk0.agent.inference.evaluation import base_task_feature_stats
+    from zk0.agent.task_labels import FILE_NAME, TaskEpisodeStore
     from zk0.shared.artifact import save_adapter
     from zk0.shared.config import AgentConfig
     from zk0.shared.lora import LoraSpec, apply_lora
@@ -204,7 +205,8 @@ def test_a_canary_scores_both_versions_on_the_same_scenes_while_holding_the_comp
         canary_episodes=1,  # the hub's 2 episodes rule
     )
     arbiter, lock = Arbiter(), threading.Lock()
-    follower = CanaryFollower(config, arbiter, lock)
+    labels = TaskEpisodeStore(tmp_path / "data" / FILE_NAME)
+    follower = CanaryFollower(config, config.load_robot_config(), labels, arbiter, lock)
     task = GateTask(candidate=1, current=0, episodes=2)
     follower.check(task)
     assert follower.run is not None and arbiter.state is AgentState.TRAINING
@@ -224,9 +226,7 @@ def test_a_real_arm_canary_counts_only_labelled_episodes_and_completes_when_it_h
 ) -> None:
     from zk0.agent.canary import _with_labels
     from zk0.agent.task_labels import FILE_NAME, TaskEpisodeStore
-    from zk0.shared.config import AgentConfig
 
-    config = AgentConfig(agent_id="arm-0", robot_config=Path("so101"), data_root=tmp_path)
     store = TaskEpisodeStore(tmp_path / FILE_NAME)
     measured = CanaryEvaluation(  # what the child gives a real arm: MSE, never episodes
         candidate=VersionScore(version=2, mse=0.2, mse_frames=64),
@@ -238,12 +238,12 @@ def test_a_real_arm_canary_counts_only_labelled_episodes_and_completes_when_it_h
             store.add(job=1, started_at=0.0, ended_at=1.0, adapter_version=version, auto=None)
             store.label(label)  # type: ignore[arg-type]
     store.add(job=1, started_at=0.0, ended_at=1.0, adapter_version=2, auto=None)  # unlabelled
-    early = _with_labels(config, measured, needed=2)
+    early = _with_labels(store, measured, needed=2)
     assert (early.candidate.successes, early.candidate.episodes) == (0, 1)
     assert (early.current.successes, early.current.episodes) == (2, 3)
     assert not early.complete  # the hub waits for the second labelled candidate episode
     store.label("success")
-    assert _with_labels(config, measured, needed=2).complete
+    assert _with_labels(store, measured, needed=2).complete
 
 
 def test_a_gate_left_open_by_a_dead_run_is_superseded_by_the_next(tmp_path: Path) -> None:

@@ -122,7 +122,8 @@ class Updater:
         to it if the hub withdrew the version we run (a canary whose version was rejected)."""
         if offer.version is None or offer.artifact_id is None or offer.version in offer.withdrawn:
             return
-        applied, gate = self.status.get().applied, self.status.get().under_gate
+        status = self.status.get()
+        applied, gate = status.applied, status.under_gate
         if isinstance(offer, p.Latest):
             self._follow_gate(offer)
         elif gate is not None and (
@@ -130,7 +131,7 @@ class Updater:
         ):
             self.status.update(under_gate=None)  # decided: rejected, or promoted to the fleet
         going_back = applied is not None and applied in offer.withdrawn and offer.version < applied
-        if going_back and self._back_from_store(offer, applied):
+        if going_back and applied is not None and self._back_from_store(offer, applied):
             return
         if applied is not None and offer.version <= applied and not going_back:
             return
@@ -189,7 +190,7 @@ class Updater:
                 logger.info("canary of version {} (the fleet runs version {})",
                             gate.candidate, gate.current)  # fmt: skip
 
-    def _back_from_store(self, offer: p.Offer, withdrawn: int | None) -> bool:
+    def _back_from_store(self, offer: p.Offer, withdrawn: int) -> bool:
         """The hub withdrew ``withdrawn`` (its canary gate rejected it): back to the offered
         version from the store, where it still is (it ran here before); False: fetch it."""
         assert offer.version is not None and offer.artifact_id is not None
