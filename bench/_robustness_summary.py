@@ -19,8 +19,14 @@ def relative(value: float, baseline: float) -> float:
     return (value - baseline) / baseline
 
 
-def summarize(detail: dict[str, Any], modes: list[str], attacks: list[str]) -> dict[str, Any]:
-    """The top-level keys and bars from the per-fraction, per-mode, per-attack detail."""
+def summarize(
+    detail: dict[str, Any],
+    modes: list[str],
+    attacks: list[str],
+    flower: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The top-level keys and bars from the per-fraction, per-mode, per-attack detail, and from
+    the Flower runs (``_robustness_flower.flower_runs``) when there are any."""
 
     def changes(fraction: str, mode: str) -> dict[str, float]:
         runs = detail.get(fraction, {}).get(mode, {})
@@ -40,8 +46,11 @@ def summarize(detail: dict[str, Any], modes: list[str], attacks: list[str]) -> d
         for mode in fraction.values()
         for run in [mode["baseline"], *mode["attacks"].values()]
     ]
+    flower = flower or {}
+    runs += [run for entry in flower.values() for run in (entry["baseline"], entry["attacked"])]
     bad = sum(r["bad_versions_stored"] for r in runs)
     lost = sum(r["rounds_lost"] for r in runs)
+    flower_changes = {f: entry["relative_mse_change"] for f, entry in flower.items()}
     worst_one = max(one_all, key=abs) if one_all else None
     worst_robust = robust[robust_mode] if robust_mode else None
     bars = {
@@ -52,6 +61,9 @@ def summarize(detail: dict[str, Any], modes: list[str], attacks: list[str]) -> d
         "no_bad_versions_stored": bad == 0,
         "no_rounds_lost": lost == 0,
     }
+    for fraction, change in flower_changes.items():
+        bar = BARS["1_of_10" if fraction == "1_of_10" else "3_of_10_robust"]
+        bars[f"flower_{fraction}_within_{bar * 100:.0f}pct"] = abs(change) <= bar
     table = {
         a: {
             m: {
@@ -74,6 +86,8 @@ def summarize(detail: dict[str, Any], modes: list[str], attacks: list[str]) -> d
         "worst_1_of_10_by_mode": one,
         "worst_3_of_10_by_robust_mode": robust,
         "relative_mse_change_by_attack": table,
+        "flower_relative_mse_change": flower_changes,
+        "flower": flower,
         "misses": misses(detail, robust_mode),
     }
 

@@ -32,6 +32,7 @@ from zk0.agent.training import (
 )
 from zk0.bench._common import write_result
 from zk0.hub.aggregation import MODES, ClientUpdate, aggregate
+from zk0.hub.flower_app import CLIENT_APP
 from zk0.hub.history import HISTORY_FILE
 from zk0.hub.superlink import SimulationSuperLink, SuperLink, SuperLinkSettings
 from zk0.shared.cli import RobotOption
@@ -102,9 +103,17 @@ LEARNING = RunSettings(policy="tiny-sim-base", local_steps=15, lr=1e-3, eval_fra
 
 
 def simulate(
-    settings: RunSettings, datasets: dict[str, Path], work: Path, run_dir: Path
+    settings: RunSettings,
+    datasets: dict[str, Path],
+    work: Path,
+    run_dir: Path,
+    client_app: str = CLIENT_APP,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One Flower simulation of ``settings`` with one node per dataset; its eval history.
+
+    ``client_app`` and ``env`` (added to the simulation's environment) let
+    ``zk0 bench robustness`` run hostile nodes of its own.
 
     Simulated nodes are ``sim-00``, ``sim-01``, ... (Flower's partition ids), so ``datasets`` is
     keyed so. The run's adapter store (every version) stays in ``run_dir/hub/adapters``, and
@@ -122,9 +131,10 @@ def simulate(
         }
     )
     link = SimulationSuperLink(len(datasets), work / f"flwr-{run_dir.name}", work / "logs")
+    link.env.update(env or {})
     try:
         link.start()
-        completed = link.run(settings, timeout_s=3 * 3600)
+        completed = link.run(settings, timeout_s=3 * 3600, client_app=client_app)
     finally:
         link.stop()
     history_file = run_dir / HISTORY_FILE

@@ -21,9 +21,10 @@ rounds, each compared with the same run of the honest arms alone (9, or 7; same 
        v
     final version -> mean held-out MSE over the honest arms -> relative change vs honest-only
 
-Only the attack matrix runs in process; no Flower simulation end to end (see the result's
-``not_done``). Counts in the JSON: ``rounds_lost`` (aggregate_train raised out of the strategy:
-the run would end), ``bad_versions_stored`` (a stored version non-finite or out of bounds).
+Then one attack per fraction runs end to end through a Flower simulation
+(``_robustness_flower``, the result's ``flower``). Counts in the JSON: ``rounds_lost``
+(aggregate_train raised out of the strategy: the run would end), ``bad_versions_stored`` (a
+stored version non-finite or out of bounds), both over the matrix and the Flower runs.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from zk0.bench._common import write_result
 from zk0.bench._learning_clients import Client
 from zk0.bench._robustness_attacks import ATTACKS, Attack, mean_arrays, poisoned, train_reply
 from zk0.bench._robustness_fleet import Fleet, Training, arrays_digest, fleet_clients
+from zk0.bench._robustness_flower import block_datasets, flower_runs
 from zk0.bench._robustness_summary import BARS, CLIENTS, relative, summarize
 from zk0.hub.aggregation import Arrays
 from zk0.hub.server_app import Publisher
@@ -146,7 +148,7 @@ class Bench:
         )
         grid = cast(Any, _Grid(len(clients)))
         config = ConfigRecord({NORMALIZATION: dumps(stats), FLEET_VERSION: version})
-        stored_norms: list[dict[str, float]] = [self._norms(store, version)]
+        stored_norms: list[dict[str, float]] = [self.norms(store, version)]
         rounds, bad, lost = [], 0, 0
         for r in range(1, self.rounds + 1):
             list(strategy.configure_train(r, to_record(arrays), config, grid))
@@ -177,9 +179,9 @@ class Bench:
                 )
                 if new != version:
                     version, stored = new, new
-                    why = self._recheck(store, version, stored_norms)
+                    why = self.recheck(store, version, stored_norms)
                     bad += why is not None
-                    stored_norms.append(self._norms(store, version))
+                    stored_norms.append(self.norms(store, version))
                     if why is not None:
                         logger.error("bad version {} stored: {}", version, why)
                 # Flower trains the next round on the aggregate whether or not it was stored;
@@ -215,10 +217,10 @@ class Bench:
         shutil.rmtree(store.root.parent, ignore_errors=True)
         return result
 
-    def _norms(self, store: AdapterStore, version: int) -> dict[str, float]:
+    def norms(self, store: AdapterStore, version: int) -> dict[str, float]:
         return _module_norms(load_file(store.path(version) / TENSORS_FILE), store, version)
 
-    def _recheck(
+    def recheck(
         self, store: AdapterStore, version: int, earlier: list[dict[str, float]]
     ) -> str | None:
         """Why the stored ``version`` is bad (non-finite, out of bounds), or None."""
@@ -265,6 +267,9 @@ def main(
     fractions: Annotated[str, typer.Option(help="Malicious arms of 10, comma list.")] = "1,3",
     local_steps: Annotated[int, typer.Option(min=1)] = TRAINING.local_steps,
     mse_frames: Annotated[int, typer.Option(min=1, help="Held-out frames per arm.")] = 24,
+    flower: Annotated[
+        bool, typer.Option(help="Also run one attack per fraction through Flower.")
+    ] = True,
 ) -> None:
     """Every attack x aggregation mode x malicious fraction against its honest-only baseline."""
     torch.set_num_threads(1)
@@ -292,13 +297,14 @@ def main(
     work = Path(tempfile.mkdtemp(prefix="zk0-bench-robustness-"))
     bench = Bench(fleet, rounds, mse_frames, work, base_norms)
     detail: dict[str, Any] = {}
+    flower_detail: dict[str, Any] | None = None
     # Flower's ServerApp runtime sets these before a strategy builds messages.
     identity = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
     TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = 1
 
     def report(complete: bool) -> dict[str, Any]:
         return {
-            **summarize(detail, chosen_modes, chosen_attacks),
+            **summarize(detail, chosen_modes, chosen_attacks, flower_detail),
             "wall_s": time.perf_counter() - started,
             "complete": complete,
             "setup": {
@@ -308,6 +314,13 @@ def main(
                 "40-episode recording (bench._learning_clients.make_clients): distinct scenes "
                 "from the variant's seeded scene sequence, not re-recorded with new seeds",
                 "malicious": {str(k): [c.name for c in clients[CLIENTS - k :]] for k in counts},
+                "flower": "claims-10M end to end: arm i's block as its own dataset (node "
+                "sim-NN), the product's ServerApp and ClientApp, the last k nodes running "
+                "bench._robustness_clientapp (trains, then replies its step undone claiming "
+                "10,000,000 examples, no statistics); MSE is each honest node's own final "
+                "evaluation (eval-frames = mse-frames); personal-rank 0"
+                if flower
+                else None,
                 "baseline": "the same run with only the honest arms (same seeds, data, v0)",
                 "run_settings": settings.to_flower(),
                 "modes": {m: MODES[m] for m in chosen_modes},
@@ -321,8 +334,6 @@ def main(
                 "mse_measurements": fleet.measurements,
             },
             "detail": detail,
-            "not_done": "no attack end to end through a Flower simulation: the product's "
-            "ClientApp has no way to poison its reply without editing product files",
         }
 
     try:
@@ -351,6 +362,24 @@ def main(
                 if json_path is not None:  # a long run leaves what it measured if cut short
                     json_path.parent.mkdir(parents=True, exist_ok=True)
                     json_path.write_text(json.dumps(report(complete=False), indent=2) + "\n")
+        if flower:
+            robust_mode = summarize(detail, chosen_modes, chosen_attacks)["robust_mode"]
+            plan = {
+                count: MODES["fedavg" if count == 1 else robust_mode or "fedavg+trimmed-mean"]
+                for count in counts
+            }
+            clock = time.perf_counter()
+            flower_detail = flower_runs(
+                settings.model_copy(
+                    update={"eval_frames": mse_frames, "num_server_rounds": rounds}
+                ),
+                block_datasets(clients, client_setup),
+                plan,
+                work / "flower",
+                bench.recheck,
+                bench.norms,
+            )
+            logger.info("bench robustness: Flower runs {:.0f}s", time.perf_counter() - clock)
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = identity
         shutil.rmtree(work, ignore_errors=True)

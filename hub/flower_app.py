@@ -27,8 +27,9 @@ def _zk0_version() -> str:
         return "0.0.0"
 
 
-def app_pyproject() -> str:
-    """The Flower App's ``pyproject.toml``."""
+def app_pyproject(client_app: str = CLIENT_APP) -> str:
+    """The Flower App's ``pyproject.toml``; ``client_app`` (``module:attribute``) replaces the
+    agents' ClientApp only where a test or bench runs a hostile one of its own."""
     defaults = "\n".join(flower_config_arg({k: v}) for k, v in RunSettings().to_flower().items())
     return (
         "# Written by zk0 (zk0.hub.flower_app) from RunSettings; do not edit.\n"
@@ -37,16 +38,16 @@ def app_pyproject() -> str:
         'description = "zk0: federated LoRA for SmolVLA"\nlicense = "Apache-2.0"\n'
         "dependencies = []\n\n"
         '[tool.flwr.app]\npublisher = "zk0"\nfab-include = ["pyproject.toml"]\n\n'
-        f'[tool.flwr.app.components]\nserverapp = "{SERVER_APP}"\nclientapp = "{CLIENT_APP}"\n\n'
+        f'[tool.flwr.app.components]\nserverapp = "{SERVER_APP}"\nclientapp = "{client_app}"\n\n'
         f"[tool.flwr.app.config]\n{defaults}\n"
     )
 
 
-def write_flower_app(folder: Path) -> Path:
+def write_flower_app(folder: Path, client_app: str = CLIENT_APP) -> Path:
     """Write the Flower App into ``folder`` (kept if unchanged) and return the folder."""
     folder.mkdir(parents=True, exist_ok=True)
     pyproject = folder / "pyproject.toml"
-    text = app_pyproject()
+    text = app_pyproject(client_app)
     if not pyproject.is_file() or pyproject.read_text() != text:
         atomic_write_bytes(pyproject, text.encode())
     return folder

@@ -22,14 +22,18 @@ From the n x n matrix of those inner products (summed over modules):
    change). With two replies the median is their mean, so a factor >= 2 never clips an honest
    pair; the default (3) leaves honest replies of comparable size alone.
 2. **Reject.** With three replies or more, the geometric median of the clipped updates (the
-   robust centre; Weiszfeld's iteration on the Gram matrix) is found, and a reply farther from
-   it than ``reject-distance-factor`` x max(median distance, a quarter of the median norm) is
-   dropped. The floor keeps a pair of near-identical honest arms from making a third one an
-   outlier; fewer than half the replies lie above twice their median, so with a factor >= 2
-   (the settings allow no less) the majority is always kept.
+   robust centre; Weiszfeld's iteration on the Gram matrix) is found. A reply *as sent* (not
+   as clipped: x1e4 is dropped, not kept at the bound) is dropped when it lies farther from the
+   centre than ``reject-distance-factor`` x max(median distance, a quarter of the median
+   norm), or when its cosine with the centre is below ``min-relative-cosine`` x the median
+   reply's (a negated step or noise at an honest norm: as far out as an honest arm of another
+   task variant, but pointing elsewhere). The floor keeps a pair of near-identical honest arms
+   from making a third one an outlier; fewer than half the replies lie above twice their
+   median distance or below their median cosine, so with a factor >= 2 and a ratio <= 1 (the
+   settings allow no other) the majority is always kept.
 3. **Weigh.** Self-reported example counts weigh the mean only up to ``max-client-share``
    (:func:`zk0.shared.normalization.capped_shares`; binding with 2/share replies or more, else
-   at twice the equal share).
+   at twice the equal share). Order statistics ignore counts, so no cap is reported there.
 4. **Combine** with the mode's maths (``zk0.hub.aggregation``), or coordinate-wise by an order
    statistic (``order-statistic``: ``trimmed-mean`` or ``median``, counts ignored) for fleets
    that expect faulty arms; svd then re-factors the order statistic of the products. The
@@ -84,6 +88,8 @@ class RobustSettings(Protocol):
     def order_statistic(self) -> OrderStatistic: ...
     @property
     def trim_fraction(self) -> float: ...
+    @property
+    def min_relative_cosine(self) -> float: ...
     @property
     def max_client_share(self) -> float: ...
 
@@ -213,25 +219,57 @@ def screen(clients: list[str], gram: Float64, settings: RobustSettings) -> Scree
                     f"update norm {norms[i]:.3g} above {settings.clip_norm_factor:g}x the "
                     f"median {median_norm:.3g}: scaled by {scales[i]:.3g}"
                 )
-    if settings.reject_distance_factor > 0 and len(kept) >= 3:
-        scaled_gram = gram * np.outer(scales, scales)
-        distances = _distances(scaled_gram, geometric_median(scaled_gram))
-        typical = max(
-            float(np.median(distances)), _DISTANCE_FLOOR * float(np.median(norms * scales))
-        )
-        limit = settings.reject_distance_factor * typical
-        for i, client in enumerate(kept):
-            if distances[i] > limit:
-                clipped.pop(client, None)
-                rejected[client] = (
-                    f"update lies {distances[i]:.3g} from the fleet's median update, beyond "
-                    f"{settings.reject_distance_factor:g}x the typical distance {typical:.3g}"
-                )
+    if len(kept) >= 3:
+        outliers = _outliers(gram, norms, scales, settings)
+        for i, reason in outliers.items():
+            clipped.pop(kept[i], None)
+            rejected[kept[i]] = reason
     return Screening(
         {c: float(s) for c, s in zip(kept, scales, strict=True) if c not in rejected},
         clipped,
         rejected,
     )
+
+
+def _outliers(
+    gram: Float64, norms: Float64, scales: Float64, settings: RobustSettings
+) -> dict[int, str]:
+    """Replies (by index) to drop, and why: far from the fleet's median update, or pointing
+    elsewhere.
+
+    The centre is the geometric median of the *clipped* updates (the honest majority's, a
+    huge reply cannot drag it), written in the unclipped basis as coefficients c·s; distances
+    and cosines are those of the replies *as sent*, so a reply x1e4 is dropped, not kept at
+    the clip bound. The distance alone misses a reply at an honest norm that points the other
+    way or nowhere (a negated step, noise): it lies about as far from the centre as an honest
+    arm of another task variant does. Its cosine with the centre gives it away (about -1 and
+    0, against 0.64-0.89 for honest arms in ``zk0 bench robustness``).
+    """
+    centre = geometric_median(gram * np.outer(scales, scales)) * scales
+    reasons: dict[int, str] = {}
+    if settings.reject_distance_factor > 0:
+        distances = _distances(gram, centre)
+        typical = max(float(np.median(distances)), _DISTANCE_FLOOR * float(np.median(norms)))
+        limit = settings.reject_distance_factor * typical
+        for i in np.flatnonzero(distances > limit):
+            reasons[int(i)] = (
+                f"update lies {distances[i]:.3g} from the fleet's median update, beyond "
+                f"{settings.reject_distance_factor:g}x the typical distance {typical:.3g}"
+            )
+    centre_norm = float(np.sqrt(max(float(centre @ gram @ centre), 0.0)))
+    if settings.min_relative_cosine > 0 and centre_norm > 0:
+        cosines = (gram @ centre) / np.maximum(norms * centre_norm, 1e-300)
+        typical_cosine = float(np.median(cosines))
+        if typical_cosine > 0:  # a fleet without a common direction has none to test against
+            limit = settings.min_relative_cosine * typical_cosine
+            for i in np.flatnonzero(cosines < limit):
+                reasons.setdefault(
+                    int(i),
+                    f"update's cosine with the fleet's median update is {cosines[i]:.2f}, "
+                    f"below {settings.min_relative_cosine:g}x the median reply's "
+                    f"{typical_cosine:.2f}",
+                )
+    return reasons
 
 
 def order_statistic(stacked: Float64, kind: OrderStatistic, trim_fraction: float) -> Float64:
@@ -328,15 +366,18 @@ def robust_aggregate(
     counts = np.array([u.num_examples for u in kept], dtype=np.float64)
     weights = capped_shares(counts, settings.max_client_share)
     clipped = dict(screening.clipped)
-    proportional = counts / counts.sum()
-    capped = below_proportional(counts, weights)
-    for update, weight, share, was_capped in zip(kept, weights, proportional, capped, strict=True):
-        if was_capped:
-            note = (
-                f"claimed {update.num_examples} examples, {share:.0%} of the round: "
-                f"weight capped at {weight:.0%}"
-            )
-            clipped[update.client] = "; ".join(filter(None, [clipped.get(update.client), note]))
+    if settings.order_statistic == "none":  # an order statistic ignores the counts
+        proportional = counts / counts.sum()
+        capped = below_proportional(counts, weights)
+        for update, weight, share, was_capped in zip(
+            kept, weights, proportional, capped, strict=True
+        ):
+            if was_capped:
+                note = (
+                    f"claimed {update.num_examples} examples, {share:.0%} of the round: "
+                    f"weight capped at {weight:.0%}"
+                )
+                clipped[update.client] = "; ".join(filter(None, [clipped.get(update.client), note]))
     scales = [screening.scales[u.client] for u in kept]
     if not clipped and not screening.rejected and settings.order_statistic == "none":
         merged = aggregate(mode, kept, reference)  # the plain aggregate, bit for bit

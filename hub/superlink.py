@@ -21,7 +21,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from zk0.hub.flower_app import write_flower_app
+from zk0.hub.flower_app import CLIENT_APP, write_flower_app
 from zk0.shared.federation import RunSettings, flower_config_arg
 from zk0.shared.flower_keys import TlsFiles
 from zk0.shared.processes import ManagedProcess, accepts, flower_env, free_port, wait_for_port
@@ -91,14 +91,16 @@ class _ManagedSuperLink(ABC):
         self.write_connection()
         wait_for_port(dial_host(self.host), self.port, self.process.start(), timeout_s)
 
-    def run(self, settings: RunSettings, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, settings: RunSettings, timeout_s: float, client_app: str = CLIENT_APP
+    ) -> subprocess.CompletedProcess[str]:
         """Submit the zk0 Flower App and stream it to completion (``flwr run --stream``)."""
-        return self.flwr(*self.run_args(settings), timeout_s=timeout_s)
+        return self.flwr(*self.run_args(settings, client_app), timeout_s=timeout_s)
 
-    def run_args(self, settings: RunSettings) -> list[str]:
+    def run_args(self, settings: RunSettings, client_app: str = CLIENT_APP) -> list[str]:
         """``flwr`` arguments that submit the zk0 Flower App with ``settings`` and stream its
         log. The app is written (from the package) into this SuperLink's Flower home."""
-        app = write_flower_app(self.flwr_home / "zk0-app")
+        app = write_flower_app(self.flwr_home / "zk0-app", client_app)
         return [
             "run",
             str(app),

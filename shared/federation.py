@@ -124,9 +124,10 @@ class RunSettings(FlowerSettings):
         Literal["fedavg", "svd", "ffa"], _help("How client adapters are merged.")
     ] = "fedavg"
     # Robust aggregation (zk0.hub.robust), for every mode: replies are scored by their update's
-    # norm and distance to the fleet's median update, clipped, rejected, their self-reported
-    # example counts capped; the shared normalization statistics get the same count cap and
-    # outlier test. The defaults leave honest replies of comparable size untouched.
+    # norm, and its distance and direction to the fleet's median update, clipped, rejected,
+    # their self-reported example counts capped; the shared normalization statistics get the
+    # same count cap and outlier test. The defaults leave honest replies of comparable size
+    # untouched.
     clip_norm_factor: Annotated[
         float,
         Field(
@@ -146,6 +147,16 @@ class RunSettings(FlowerSettings):
             "which always keeps the majority).",
         ),
     ] = 4.0
+    min_relative_cosine: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=1,
+            description="Drop a reply (3 or more) whose update's cosine with the fleet's median "
+            "update is below this share of the median reply's cosine: a reversed step or "
+            "noise at an honest norm (0: off; <= 1 always keeps the majority).",
+        ),
+    ] = 0.3
     order_statistic: Annotated[
         Literal["none", "trimmed-mean", "median"],
         _help(

@@ -16,7 +16,6 @@ import pytest
 from zk0.agent.episode_cache import client_datasets
 from zk0.agent.supernode import SuperNode
 from zk0.bench.federated import start_supernodes
-from zk0.hub.flower_app import CLIENT_APP, write_flower_app
 from zk0.hub.superlink import SimulationSuperLink, SuperLink, SuperLinkSettings
 from zk0.shared.artifact import TENSORS_FILE, verify_artifact
 from zk0.shared.federation import RunSettings
@@ -73,14 +72,9 @@ def test_simulation_with_four_clients_one_of_them_hostile(
     link.env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(Path(__file__).parent / "flower_apps"), link.env.get("PYTHONPATH")])
     )
-    app = write_flower_app(tmp_path / "hostile-app")
-    pyproject = app / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text().replace(CLIENT_APP, "poisoned_clientapp:app"))
     try:
         link.start()
-        argv = link.run_args(settings)
-        argv[1] = str(app)
-        result = link.flwr(*argv, timeout_s=900)
+        result = link.run(settings, timeout_s=900, client_app="poisoned_clientapp:app")
     finally:
         link.stop()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

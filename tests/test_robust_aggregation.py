@@ -153,6 +153,18 @@ def _scaled(factor: float) -> Callable[[Arrays, Arrays, Mode], Arrays]:
     return make
 
 
+def _noise(honest: Arrays, reference: Arrays, mode: Mode) -> Arrays:
+    """A random direction at the honest reply's norm, tensor by tensor (frozen A kept)."""
+    rng = np.random.default_rng(11)
+    result = {}
+    for name, value in honest.items():
+        step = np.asarray(value, np.float64) - reference[name]
+        noise = rng.standard_normal(step.shape)
+        noise *= np.linalg.norm(step) / np.linalg.norm(noise) if step.any() else 0.0
+        result[name] = (reference[name] + noise).astype(np.float32)
+    return result
+
+
 def _huge(honest: Arrays, reference: Arrays, mode: Mode) -> Arrays:
     keep_a = mode == "ffa"  # a moved A is refused before aggregation in ffa
     return {
@@ -166,6 +178,9 @@ ATTACKS = [
     Attack("sign-flipped x10", _scaled(-10.0)),
     Attack("1e30 values", _huge),
     Attack("claims 10M examples", _scaled(1.0), 10_000_000, "weight capped at 25%"),
+    # At an honest norm, near the centre's distance: only the direction gives them away.
+    Attack("negated, claims 10M", _scaled(-1.0), 10_000_000, "the fleet's median update"),
+    Attack("noise at the honest norm", _noise, reason="the fleet's median update"),
 ]
 
 
@@ -184,6 +199,25 @@ def test_one_attacker_of_ten_moves_the_aggregate_by_noise_only(mode: Mode, attac
     reasons = {**result.rejected, **result.clipped}
     assert attack.reason in reasons["arm-bad"]
     assert set(reasons) == {"arm-bad"}  # no honest arm was touched
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("attack", [_scaled(-1.0), _noise], ids=["negated", "noise"])
+def test_a_reply_at_an_honest_distance_pointing_elsewhere_is_dropped_for_its_direction(
+    mode: Mode, attack: Callable[[Arrays, Arrays, Mode], Arrays]
+) -> None:
+    """Arms as different as task variants (jitter the size of the step): a negated step or noise
+    at an honest norm lies no farther out than they do; only its direction gives it away."""
+    reference = _reference()
+    replies = _honest(reference, mode, 10, noise=1.0)
+    honest = _updates(replies[:9])
+    bad = ClientUpdate("arm-bad", attack(replies[9], reference, mode), 100)
+    without = RunSettings(min_relative_cosine=0)
+
+    assert robust_aggregate(mode, [*honest, bad], reference, without).rejected == {}
+    result = robust_aggregate(mode, [*honest, bad], reference, DEFAULTS)
+    assert set(result.rejected) == {"arm-bad"}
+    assert "cosine with the fleet's median update" in result.rejected["arm-bad"]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -215,6 +249,7 @@ def test_order_statistics_withstand_three_bad_arms_of_ten(mode: Mode, statistic:
         order_statistic=statistic,  # type: ignore[arg-type]
         clip_norm_factor=0,
         reject_distance_factor=0,
+        min_relative_cosine=0,
     )
     result = robust_aggregate(mode, [*honest, *bad], reference, settings)
     assert _relative_change(result.arrays, honest_only, reference) < 0.1
