@@ -11,7 +11,7 @@ deployment::
        +-- attacked:    10 nodes, ``_robustness_clientapp`` (the last k nodes hostile)
        v
     final round's held-out eval MSE (each honest node's own) -> relative change;
-    every stored version re-checked (``Bench.recheck``); the hub log's verdict per hostile node
+    every stored version re-checked (``StoredVersionCheck``); the hub log's verdict per hostile node
 
 The attack is ``claims-10M`` (the matrix's worst): 1 of 10 in the default mode, 3 of 10 in the
 robust mode. No personal part (``personal-rank`` 0), as in the matrix.
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from zk0.bench._learning_clients import Client
+from zk0.bench._robustness_bounds import StoredVersionCheck
 from zk0.bench._robustness_clientapp import CLIENT_APP, HOSTILE_ENV
 from zk0.bench.federated import simulate
 from zk0.shared.federation import RunSettings
@@ -35,9 +35,6 @@ from zk0.shared.fsutil import file_lock, publish_dir, staging_dir_for
 from zk0.shared.store import AdapterStore
 
 ATTACK = "claims-10M"
-#: Checks a stored version: why it is bad, or None (``Bench.recheck``).
-Recheck = Callable[[AdapterStore, int, list[dict[str, float]]], str | None]
-Norms = Callable[[AdapterStore, int], dict[str, float]]
 
 
 def block_datasets(clients: list[Client], setup: dict[str, Any]) -> dict[str, Path]:
@@ -71,8 +68,7 @@ def _run(
     work: Path,
     name: str,
     hostile: int,
-    recheck: Recheck,
-    norms: Norms,
+    check: StoredVersionCheck,
 ) -> dict[str, Any]:
     run_dir = work / name
     history = simulate(
@@ -88,9 +84,9 @@ def _run(
     store = AdapterStore(run_dir / "hub" / "adapters")
     bad, earlier = 0, list[dict[str, float]]()
     for version in store.versions():
-        why = recheck(store, version, earlier)
+        why = check.recheck(store, version, earlier)
         bad += why is not None
-        earlier.append(norms(store, version))
+        earlier.append(check.norms(store, version))
     log = (run_dir / "hub" / "hub.log").read_text()
     verdicts = {
         agent: re.findall(rf"(dropped|bounded) reply from {agent}: ([^\n]*)", log)
@@ -114,8 +110,7 @@ def flower_runs(
     datasets: dict[str, Path],
     plan: dict[int, dict[str, Any]],
     work: Path,
-    recheck: Recheck,
-    norms: Norms,
+    check: StoredVersionCheck,
 ) -> dict[str, Any]:
     """Per malicious count k: the honest-only run (10 - k nodes) and the attacked one (10)."""
     result: dict[str, Any] = {}
@@ -123,8 +118,8 @@ def flower_runs(
         run = settings.model_copy(update={**mode, "personal_rank": 0})
         run = RunSettings.model_validate(run.model_dump())
         honest = dict(sorted(datasets.items())[: len(datasets) - count])
-        baseline = _run(run, honest, work, f"honest-{count}", 0, recheck, norms)
-        attacked = _run(run, datasets, work, f"attacked-{count}", count, recheck, norms)
+        baseline = _run(run, honest, work, f"honest-{count}", 0, check)
+        attacked = _run(run, datasets, work, f"attacked-{count}", count, check)
         result[f"{count}_of_{len(datasets)}"] = {
             "mode": mode,
             "attack": ATTACK,

@@ -47,13 +47,13 @@ from safetensors.numpy import load_file
 from zk0.bench._common import write_result
 from zk0.bench._learning_clients import Client
 from zk0.bench._robustness_attacks import ATTACKS, Attack, mean_arrays, poisoned, train_reply
+from zk0.bench._robustness_bounds import StoredVersionCheck, base_norms
 from zk0.bench._robustness_fleet import Fleet, Training, arrays_digest, fleet_clients
 from zk0.bench._robustness_flower import block_datasets, flower_runs
 from zk0.bench._robustness_summary import BARS, CLIENTS, relative, summarize
 from zk0.hub.aggregation import Arrays
 from zk0.hub.server_app import Publisher
 from zk0.hub.strategy import LoRAFedAvg, to_record
-from zk0.shared.adapter_bounds import PEFT_PREFIX
 from zk0.shared.artifact import TENSORS_FILE
 from zk0.shared.features import PolicyFeatures
 from zk0.shared.federation import (
@@ -99,12 +99,10 @@ class _Grid:
 
 class Bench:
     def __init__(
-        self, fleet: Fleet, rounds: int, mse_frames: int, work: Path, base_norms: dict[str, float]
+        self, fleet: Fleet, rounds: int, mse_frames: int, work: Path, check: StoredVersionCheck
     ) -> None:
         self.fleet, self.rounds, self.mse_frames, self.work = fleet, rounds, mse_frames, work
-        #: ‖W‖_F per adapted module, read from the policy's own tensors (not the product's
-        #: checkpoint reader): the re-check below must not share the code it checks.
-        self.base_norms = base_norms
+        self.check = check
         self.runs = 0
         self.v0_digest: bytes | None = None
 
@@ -148,7 +146,7 @@ class Bench:
         )
         grid = cast(Any, _Grid(len(clients)))
         config = ConfigRecord({NORMALIZATION: dumps(stats), FLEET_VERSION: version})
-        stored_norms: list[dict[str, float]] = [self.norms(store, version)]
+        stored_norms: list[dict[str, float]] = [self.check.norms(store, version)]
         rounds, bad, lost = [], 0, 0
         for r in range(1, self.rounds + 1):
             list(strategy.configure_train(r, to_record(arrays), config, grid))
@@ -179,9 +177,9 @@ class Bench:
                 )
                 if new != version:
                     version, stored = new, new
-                    why = self.recheck(store, version, stored_norms)
+                    why = self.check.recheck(store, version, stored_norms)
                     bad += why is not None
-                    stored_norms.append(self.norms(store, version))
+                    stored_norms.append(self.check.norms(store, version))
                     if why is not None:
                         logger.error("bad version {} stored: {}", version, why)
                 # Flower trains the next round on the aggregate whether or not it was stored;
@@ -216,41 +214,6 @@ class Bench:
             result["round0_mse"] = float(np.mean(list(start.values())))
         shutil.rmtree(store.root.parent, ignore_errors=True)
         return result
-
-    def norms(self, store: AdapterStore, version: int) -> dict[str, float]:
-        return _module_norms(load_file(store.path(version) / TENSORS_FILE), store, version)
-
-    def recheck(
-        self, store: AdapterStore, version: int, earlier: list[dict[str, float]]
-    ) -> str | None:
-        """Why the stored ``version`` is bad (non-finite, out of bounds), or None."""
-        tensors = load_file(store.path(version) / TENSORS_FILE)
-        for name, value in tensors.items():
-            if not np.isfinite(value).all():
-                return f"{name}: non-finite values"
-        bounds = TRAINING.adapter_bounds
-        for module, norm in _module_norms(tensors, store, version).items():
-            if not norm <= bounds.max_relative_norm * self.base_norms[module]:
-                return f"{module}: ‖ΔW‖ {norm:.4g} > rho x ‖W‖ {self.base_norms[module]:.4g}"
-            largest = max((n.get(module, 0.0) for n in earlier), default=0.0)
-            if largest > 0 and not norm <= bounds.max_growth * largest:
-                return f"{module}: ‖ΔW‖ {norm:.4g} > growth x earlier {largest:.4g}"
-        return None
-
-
-def _module_norms(tensors: dict[str, Any], store: AdapterStore, version: int) -> dict[str, float]:
-    """‖(alpha/r)·B·A‖_F per module from the explicit float64 product (tiny modules)."""
-    lora = store.manifest(version).lora
-    norms = {}
-    for name, a in tensors.items():
-        if ".lora_A." in name:
-            b = tensors[name.replace(".lora_A.", ".lora_B.")]
-            with np.errstate(over="ignore", invalid="ignore"):
-                product = b.astype(np.float64) @ a.astype(np.float64)
-                norm = float(np.linalg.norm(product)) * lora.alpha / lora.rank
-            module = name.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
-            norms[module] = norm if np.isfinite(norm) else float("inf")
-    return norms
 
 
 def _v0(store: AdapterStore) -> Arrays:
@@ -289,13 +252,9 @@ def main(
         settings.lora,
         Training(settings.local_steps, settings.batch_size, settings.lr, settings.seed),
     )
-    base_norms = {
-        name.removesuffix(".weight"): float(np.linalg.norm(p.detach().double().numpy()))
-        for name, p in base.policy.named_parameters()
-        if name.endswith("_proj.weight") and ".lm_expert." in name
-    }
+    check = StoredVersionCheck(base_norms(base.policy), TRAINING.adapter_bounds)
     work = Path(tempfile.mkdtemp(prefix="zk0-bench-robustness-"))
-    bench = Bench(fleet, rounds, mse_frames, work, base_norms)
+    bench = Bench(fleet, rounds, mse_frames, work, check)
     detail: dict[str, Any] = {}
     flower_detail: dict[str, Any] | None = None
     # Flower's ServerApp runtime sets these before a strategy builds messages.
@@ -376,8 +335,7 @@ def main(
                 block_datasets(clients, client_setup),
                 plan,
                 work / "flower",
-                bench.recheck,
-                bench.norms,
+                check,
             )
             logger.info("bench robustness: Flower runs {:.0f}s", time.perf_counter() - clock)
     finally:
