@@ -23,6 +23,9 @@ def hub_status(hub: HubService) -> hc.HubStatus:
     current = pointer.version if pointer else None
     now = time.time()
     records = [r for r in (hub.distribution.agents() if hub.distribution else []) if not r.revoked]
+    gates = GateBook(hub.store.root).records()
+    # A canary evaluating the version under an open gate is where the hub wants it to be.
+    under_gate = {c: g.version for g in gates if g.state == "open" for c in g.canaries}
     agents = [
         hc.FleetAgent(
             agent_id=r.agent_id,
@@ -30,7 +33,7 @@ def hub_status(hub: HubService) -> hc.HubStatus:
             applied=r.applied,
             in_use=r.in_use,
             last_seen_s=round(now - r.last_seen, 1),
-            converged=current is not None and r.in_use == current,
+            converged=r.in_use is not None and r.in_use == under_gate.get(r.agent_id, current),
             report=r.report,
         )
         for r in records
@@ -69,5 +72,5 @@ def hub_status(hub: HubService) -> hc.HubStatus:
         agents=agents,
         converged=all(a.converged for a in agents if a.online),
         enrolled=hub.enrolment.enrolled(),
-        gates=GateBook(hub.store.root).records()[-SHOWN_GATES:],
+        gates=gates[-SHOWN_GATES:],
     )

@@ -101,7 +101,7 @@ class HubStatus(WireModel):
     runs_failed: int
     last_run: RunOutcome | None
     agents: list[FleetAgent]
-    #: Every online agent runs the current version.
+    #: Every online agent runs the current version (a canary: the version under its gate).
     converged: bool
     #: Agent id -> its SuperNode's node id on the SuperLink (None: not known yet).
     enrolled: dict[str, int | None]
