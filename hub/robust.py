@@ -18,9 +18,10 @@ every norm and inner product comes from r x r Gram matrices,
 From the n x n matrix of those inner products (summed over modules):
 
 1. **Clip.** A reply whose update norm exceeds ``clip-norm-factor`` x the median norm is scaled
-   down to that bound (fedavg, ffa: every tensor's change from the reference; svd: its product's
-   change). With two replies the median is their mean, so a factor >= 2 never clips an honest
-   pair; the default (3) leaves honest replies of comparable size alone.
+   down to that bound (ffa: B's change; svd: its product's change; fedavg: both factors'
+   changes, by the scale that brings B·A's change to the bound, :func:`factor_scale`). With
+   two replies the median is their mean, so a factor >= 2 never clips an honest pair; the
+   default (3) leaves honest replies of comparable size alone.
 2. **Reject.** With three replies or more, the geometric median of the clipped updates (the
    robust centre; Weiszfeld's iteration on the Gram matrix) is found. A reply *as sent* (not
    as clipped: x1e4 is dropped, not kept at the bound) is dropped when it lies farther from the
@@ -75,6 +76,7 @@ _WEISZFELD_STEPS = 100
 #: The typical distance to the centre is at least this share of the median norm, so that two
 #: near-identical honest replies do not make a third, honest one look far out.
 _DISTANCE_FLOOR = 0.25
+_BISECTION_STEPS = 60
 
 
 class RobustSettings(Protocol):
@@ -272,6 +274,35 @@ def _outliers(
     return reasons
 
 
+def factor_scale(arrays: Arrays, reference: Arrays, target: float) -> float:
+    """The scale s of both factors' changes that brings ΔW's change to norm ``target``.
+
+    With B = B_ref + s·dB and A = A_ref + s·dA, B·A - B_ref·A_ref = s·X + s²·Y per module
+    (X = dB·A_ref + B_ref·dA, Y = dB·dA), so ‖·‖² = s²‖X‖² + 2s³⟨X, Y⟩ + s⁴‖Y‖², from the
+    same r x r Grams as the scoring. It is below ``target`` at s = 0 and above it at s = 1 (the
+    reply as sent); bisection finds where it crosses.
+    """
+    x: LowRank = {}
+    y: LowRank = {}
+    for a_name, b_name in lora_pairs(list(reference)):
+        b_ref, a_ref = (np.asarray(reference[n], np.float64) for n in (b_name, a_name))
+        d_b = np.asarray(arrays[b_name], np.float64) - b_ref
+        d_a = np.asarray(arrays[a_name], np.float64) - a_ref
+        x[b_name] = (np.concatenate([d_b, b_ref], axis=1), np.concatenate([a_ref, d_a]))
+        y[b_name] = (d_b, d_a)
+    paired = {name for pair in lora_pairs(list(reference)) for name in pair}
+    for name in sorted(set(reference) - paired):  # anything else moves linearly
+        change = (np.asarray(arrays[name], np.float64) - reference[name]).reshape(-1, 1)
+        x[name], y[name] = (change, np.ones((1, 1))), (np.zeros_like(change), np.ones((1, 1)))
+    xx, xy, yy = inner_product(x, x), inner_product(x, y), inner_product(y, y)
+    low, high = 0.0, 1.0
+    for _ in range(_BISECTION_STEPS):
+        middle = (low + high) / 2
+        squared = middle**2 * xx + 2 * middle**3 * xy + middle**4 * yy
+        low, high = (middle, high) if squared <= target**2 else (low, middle)
+    return low
+
+
 def order_statistic(stacked: Float64, kind: OrderStatistic, trim_fraction: float) -> Float64:
     """Coordinate-wise median or trimmed mean over axis 0 (the replies)."""
     if kind == "median":
@@ -379,6 +410,16 @@ def robust_aggregate(
                 )
                 clipped[update.client] = "; ".join(filter(None, [clipped.get(update.client), note]))
     scales = [screening.scales[u.client] for u in kept]
+    if mode == "fedavg":  # both factors move: ΔW's change is not linear in their scale
+        row = {client: i for i, client in enumerate(clients)}
+        bounds = [
+            s * float(np.sqrt(gram[row[u.client], row[u.client]]))
+            for u, s in zip(kept, scales, strict=True)
+        ]
+        scales = [
+            factor_scale(u.arrays, reference, bound) if s < 1 else s
+            for u, s, bound in zip(kept, scales, bounds, strict=True)
+        ]
     if not clipped and not screening.rejected and settings.order_statistic == "none":
         merged = aggregate(mode, kept, reference)  # the plain aggregate, bit for bit
     else:

@@ -20,6 +20,7 @@ from conftest import GRID, train_reply
 from zk0.hub.aggregation import Arrays, ClientUpdate, Mode, aggregate, lora_pairs
 from zk0.hub.fleet_stats import gather_stats
 from zk0.hub.robust import (
+    factor_scale,
     inner_product,
     low_rank_update,
     robust_aggregate,
@@ -130,6 +131,18 @@ def test_gram_inner_products_equal_the_dense_computation(mode: Mode) -> None:
     gram = update_gram([x, y])
     assert np.sqrt(gram[0, 0]) == pytest.approx(float(np.linalg.norm(dense_x)), rel=1e-9)
     assert gram[0, 1] == gram[1, 0] == pytest.approx(float(dense_x @ dense_y), rel=1e-9)
+
+
+def test_a_clipped_fedavg_reply_changes_delta_w_by_exactly_the_bound() -> None:
+    """Both factors move in fedavg, so B·A's change is not linear in their scale: the clip
+    solves for the scale that gives the bound."""
+    reference = _reference()
+    reply = _scaled(30.0)(_honest(reference, "fedavg", 1, noise=1.0)[0], reference, "fedavg")
+    sent = float(np.linalg.norm(_delta_w(reply, reference)))
+    scale = factor_scale(reply, reference, sent / 10)
+    scaled = {n: reference[n] + scale * (np.float64(v) - reference[n]) for n, v in reply.items()}
+    assert float(np.linalg.norm(_delta_w(scaled, reference))) == pytest.approx(sent / 10, rel=1e-9)
+    assert scale != pytest.approx(0.1, rel=1e-3)  # the linear guess would miss the bound
 
 
 # -- one bad insider among nine honest arms ---------------------------------------------------
