@@ -65,6 +65,7 @@ from zk0.shared.normalization import (
     NORMALIZATION_FILE,
     Stats,
     combine_all,
+    dropped_from,
     dumps,
     loads,
     select_robust_stats,
@@ -138,6 +139,7 @@ class Bench:
             optimizer=settings,
             robust=settings,
             accept=publisher.out_of_bounds,
+            excluded=dropped_from(stats_notes),  # as the ServerApp's gather_stats reports
             fraction_train=settings.fraction_train,
             fraction_evaluate=1.0,
             min_train_nodes=settings.min_nodes,

@@ -12,16 +12,27 @@ from loguru import logger
 
 from zk0.hub.strategy import agent_of
 from zk0.shared.federation import CONFIG_KEY, NORMALIZATION, STATS_KEY, RunSettings
-from zk0.shared.normalization import Stats, combine_all, loads, select_robust_stats
+from zk0.shared.normalization import (
+    Stats,
+    combine_all,
+    dropped_from,
+    loads,
+    select_robust_stats,
+)
 
 
-def gather_stats(grid: Grid, nodes: list[int], timeout_s: float, settings: RunSettings) -> Stats:
-    """Ask every node for its feature statistics (never samples) and combine them, bounded.
+def gather_stats(
+    grid: Grid, nodes: list[int], timeout_s: float, settings: RunSettings
+) -> tuple[Stats, dict[str, str]]:
+    """Ask every node for its feature statistics (never samples) and combine them, bounded;
+    also the agents whose statistics were dropped as outliers, with why.
 
     Self-reported, so bounded before they are combined (``zk0.shared.normalization``): each
     agent's count capped to ``max-client-share`` of the total, and with three agents or more
     one whose mean or std lies more than ``stats-outlier-z`` robust z-scores from the others'
-    dropped; each with a log line naming the agent.
+    dropped; each with a log line naming the agent. A dropped agent's data is not what the
+    fleet's normalization describes (a broken calibration, or a lie), so the run does not count
+    its training either (``LoRAFedAvg(excluded=...)``).
     """
     messages = [
         Message(
@@ -54,4 +65,4 @@ def gather_stats(grid: Grid, nodes: list[int], timeout_s: float, settings: RunSe
     logger.info(
         "shared normalization from {} agents, {} frames", len(selected), combined["action"].count
     )
-    return combined
+    return combined, dropped_from(notes)

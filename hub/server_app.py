@@ -235,8 +235,9 @@ def main(grid: Grid, context: Context) -> None:
     publisher = Publisher(settings, store)
     nodes = wait_for_nodes(grid, settings.min_nodes, settings.round_timeout_s)
     start = publisher.starting_point()
+    outliers: dict[str, str] = {}  # a resumed run keeps its stored normalization: none known
     if start is None:
-        stats = gather_stats(grid, nodes, settings.round_timeout_s, settings)
+        stats, outliers = gather_stats(grid, nodes, settings.round_timeout_s, settings)
         version, fresh = publisher.fresh_adapter(stats)
         start = (version, 0, fresh, stats)
     version, first_round, arrays, stats = start
@@ -283,6 +284,7 @@ def main(grid: Grid, context: Context) -> None:
         held_frames=lambda: {
             record.agent_id: record.report.frames_total for record in load_fleet(store.root)[1]
         },
+        excluded=outliers,
         fraction_train=settings.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=settings.min_nodes,

@@ -125,6 +125,8 @@ class LoRAFedAvg(FedAvg):
     (the canary gate rejected that aggregate's version: ``zk0.hub.gate``).
     ``held_frames()``: agent id -> the frames its status last reported holding; a reply
     claiming to have trained on more is counted with that many (None: no statuses known).
+    ``excluded``: agent id -> why its replies never count in this run (its statistics were
+    dropped from the run's normalization: ``zk0.hub.fleet_stats``).
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class LoRAFedAvg(FedAvg):
         accept: Callable[[Arrays], str | None] | None = None,
         start_from: Callable[[int], Arrays | None] | None = None,
         held_frames: Callable[[], Mapping[str, int]] | None = None,
+        excluded: Mapping[str, str] | None = None,
         **fedavg_options: object,
     ) -> None:
         super().__init__(**fedavg_options)  # type: ignore[arg-type]
@@ -146,6 +149,7 @@ class LoRAFedAvg(FedAvg):
         self.accept = accept
         self.start_from = start_from
         self.held_frames = held_frames
+        self.excluded = dict(excluded or {})
         self.success_episodes = success_episodes
         self.optimizer: OptimizerSettings | None = None
         self.optimizer_state: OptimizerState | None = None
@@ -202,6 +206,11 @@ class LoRAFedAvg(FedAvg):
             if reason is None and agent in report.trained:
                 # One agent, one vote: a node claiming another's id must not count twice.
                 reason = "a second reply under the same agent id"
+            if reason is None and agent in self.excluded:
+                reason = (
+                    "its statistics were dropped from the run's normalization "
+                    f"({self.excluded[agent]})"
+                )
             if reason is not None or update is None:
                 report.dropped[agent] = reason or "no update"
                 logger.warning("round {}: dropped reply from {}: {}", server_round, agent, reason)

@@ -224,6 +224,11 @@ def stats_outliers(per_client: dict[str, Stats], max_z: float) -> dict[str, str]
     return reasons
 
 
+def dropped_from(notes: dict[str, str]) -> dict[str, str]:
+    """The clients :func:`select_robust_stats` dropped (not merely capped), with why."""
+    return {client: note for client, note in notes.items() if not note.startswith("count capped")}
+
+
 def select_robust_stats(
     per_client: dict[str, Stats], max_share: float, max_z: float
 ) -> tuple[list[Stats], dict[str, str]]:

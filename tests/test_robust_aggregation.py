@@ -489,7 +489,7 @@ def test_the_hub_drops_poisoned_statistics_with_a_reason_naming_the_agent() -> N
     lines: list[str] = []
     sink = logger.add(lines.append, level="WARNING", format="{message}")
     try:
-        combined = gather_stats(
+        combined, outliers = gather_stats(
             cast(Any, _StatsGrid({**honest, "arm-evil": poisoned})),
             [1, 2, 3, 4],
             1.0,
@@ -500,3 +500,19 @@ def test_the_hub_drops_poisoned_statistics_with_a_reason_naming_the_agent() -> N
     assert combined["action"].count == 3 * 400
     assert np.abs(combined["action"].mean).max() < 1.0
     assert any("arm-evil" in line and "dropped" in line and "mean" in line for line in lines)
+    assert list(outliers) == ["arm-evil"]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_an_agent_whose_statistics_were_dropped_does_not_train_the_fleet() -> None:
+    reference = _reference()
+    replies = _honest(reference, "fedavg", 3)
+    messages = [train_reply(arrays, 100, f"arm-{i}") for i, arrays in enumerate(replies)]
+    strategy = LoRAFedAvg(
+        min_train_nodes=2, min_available_nodes=2, excluded={"arm-2": "mean 12 robust z off"}
+    )
+    result = _round(strategy, reference, messages)
+    two = _round(LoRAFedAvg(min_train_nodes=2, min_available_nodes=2), reference, messages[:2])
+    assert result is not None and two is not None
+    assert all(np.array_equal(result[name], two[name]) for name in two)
+    assert "statistics were dropped" in strategy.report(1).dropped["arm-2"]
