@@ -111,9 +111,10 @@ def flower_runs(
     plan: dict[int, dict[str, Any]],
     work: Path,
     check: StoredVersionCheck,
-) -> dict[str, Any]:
-    """Per malicious count k: the honest-only run (10 - k nodes) and the attacked one (10)."""
-    result: dict[str, Any] = {}
+    result: dict[str, Any],
+) -> None:
+    """Per malicious count k: the honest-only run (10 - k nodes) and the attacked one (10),
+    into ``result`` as each pair ends (a later pair's failure keeps the earlier ones)."""
     for count, mode in plan.items():
         run = settings.model_copy(update={**mode, "personal_rank": 0})
         run = RunSettings.model_validate(run.model_dump())
@@ -127,4 +128,3 @@ def flower_runs(
             "attacked": attacked,
             "relative_mse_change": (attacked["mse"] - baseline["mse"]) / baseline["mse"],
         }
-    return result

@@ -258,7 +258,8 @@ def main(
     work = Path(tempfile.mkdtemp(prefix="zk0-bench-robustness-"))
     bench = Bench(fleet, rounds, mse_frames, work, check)
     detail: dict[str, Any] = {}
-    flower_detail: dict[str, Any] | None = None
+    flower_detail: dict[str, Any] = {}
+    flower_error: str | None = None
     # Flower's ServerApp runtime sets these before a strategy builds messages.
     identity = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
     TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = 1
@@ -268,6 +269,7 @@ def main(
             **summarize(detail, chosen_modes, chosen_attacks, flower_detail),
             "wall_s": time.perf_counter() - started,
             "complete": complete,
+            "flower_error": flower_error,
             "setup": {
                 "clients": client_setup,
                 "variants_source": "zk0.shared.sim_variants.CLIENT_VARIANTS cycled (arm i: "
@@ -330,20 +332,25 @@ def main(
                 for count in counts
             }
             clock = time.perf_counter()
-            flower_detail = flower_runs(
-                settings.model_copy(
-                    update={"eval_frames": mse_frames, "num_server_rounds": rounds}
-                ),
-                block_datasets(clients, client_setup),
-                plan,
-                work / "flower",
-                check,
-            )
+            try:
+                flower_runs(
+                    settings.model_copy(
+                        update={"eval_frames": mse_frames, "num_server_rounds": rounds}
+                    ),
+                    block_datasets(clients, client_setup),
+                    plan,
+                    work / "flower",
+                    check,
+                    flower_detail,
+                )
+            except Exception as error:  # the matrix stands; the result says what is missing
+                flower_error = f"{type(error).__name__}: {error}"
+                logger.error("bench robustness: a Flower run failed: {}", flower_error)
             logger.info("bench robustness: Flower runs {:.0f}s", time.perf_counter() - clock)
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = identity
         shutil.rmtree(work, ignore_errors=True)
-    result = report(complete=True)
+    result = report(complete=flower_error is None)
     line = ", ".join(
         f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
         for k, v in result.items()
