@@ -19,14 +19,9 @@ from loguru import logger
 from conftest import GRID, train_reply
 from zk0.hub.aggregation import Arrays, ClientUpdate, Mode, aggregate, lora_pairs
 from zk0.hub.fleet_stats import gather_stats
-from zk0.hub.robust import (
-    factor_scale,
-    inner_product,
-    low_rank_update,
-    robust_aggregate,
-    update_gram,
-)
+from zk0.hub.robust import robust_aggregate
 from zk0.hub.strategy import LoRAFedAvg, to_numpy, to_record
+from zk0.hub.update_geometry import factor_scale, inner_product, low_rank_update, update_gram
 from zk0.shared.config import ConfigError
 from zk0.shared.federation import (
     AGENT_ID,
