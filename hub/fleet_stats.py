@@ -54,15 +54,13 @@ def gather_stats(
     selected, notes = select_robust_stats(
         per_agent, settings.max_client_share, settings.stats_outlier_z
     )
+    outliers = dropped_from(notes)
     for agent, note in notes.items():
         logger.warning(
-            "statistics from {} {}: {}",
-            agent,
-            "bounded" if note.startswith("count capped") else "dropped",
-            note,
+            "statistics from {} {}: {}", agent, "dropped" if agent in outliers else "bounded", note
         )
     combined = combine_all(selected)
     logger.info(
         "shared normalization from {} agents, {} frames", len(selected), combined["action"].count
     )
-    return combined, dropped_from(notes)
+    return combined, outliers

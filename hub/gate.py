@@ -81,9 +81,10 @@ class GateBook:
         pending = [r for r in (self.records() if records is None else records) if r.state == "open"]
         return pending[-1] if pending else None
 
-    def withdrawn(self) -> list[int]:
-        """Rejected versions, newest last."""
-        return [record.version for record in self.records() if record.state == "rejected"]
+    def withdrawn(self, records: list[GateRecord] | None = None) -> list[int]:
+        """Rejected versions, newest last; from ``records`` when the caller has just read them."""
+        found = self.records() if records is None else records
+        return [record.version for record in found if record.state == "rejected"]
 
     def open(self, version: int, baseline: int, now: float | None = None) -> GateRecord:
         """Put ``version`` under gate; a gate still open (its run died) is superseded by it."""

@@ -59,8 +59,7 @@ class GateKeeper:
             gate = None
         self._follow_promotions(records)
         self.open = gate if gate is not None and gate.state == "open" else None
-        rejected = [record.version for record in records if record.state == "rejected"]
-        self.withdrawn = tuple(rejected[-MAX_WITHDRAWN:])
+        self.withdrawn = tuple(self.book.withdrawn(records)[-MAX_WITHDRAWN:])
         return (self.open, self.withdrawn) != before
 
     def canary_offer(self, agent_id: str | None) -> GateRecord | None:

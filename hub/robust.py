@@ -108,6 +108,8 @@ class Screening:
     scales: dict[str, float]
     clipped: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
+    #: The update norm clipped replies are scaled to (None: no clipping).
+    clip_bound: float | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ def screen(clients: list[str], gram: Float64, settings: RobustSettings) -> Scree
     median_norm = float(np.median(norms))
     scales = np.ones(len(kept))
     clipped: dict[str, str] = {}
+    bound = None
     if settings.clip_norm_factor > 0:
         bound = settings.clip_norm_factor * median_norm
         for i, client in enumerate(kept):
@@ -155,6 +158,7 @@ def screen(clients: list[str], gram: Float64, settings: RobustSettings) -> Scree
         {c: float(s) for c, s in zip(kept, scales, strict=True) if c not in rejected},
         clipped,
         rejected,
+        bound,
     )
 
 
@@ -306,15 +310,12 @@ def robust_aggregate(
                 )
                 clipped[update.client] = "; ".join(filter(None, [clipped.get(update.client), note]))
     scales = [screening.scales[u.client] for u in kept]
-    if mode == "fedavg":  # both factors move: ΔW's change is not linear in their scale
-        row = {client: i for i, client in enumerate(clients)}
-        bounds = [
-            s * float(np.sqrt(gram[row[u.client], row[u.client]]))
-            for u, s in zip(kept, scales, strict=True)
-        ]
+    if mode == "fedavg" and screening.clip_bound is not None:
+        # Both factors move: ΔW's change is not linear in their scale.
+        bound = screening.clip_bound
         scales = [
             factor_scale(u.arrays, reference, bound) if s < 1 else s
-            for u, s, bound in zip(kept, scales, bounds, strict=True)
+            for u, s in zip(kept, scales, strict=True)
         ]
     if not clipped and not screening.rejected and settings.order_statistic == "none":
         merged = aggregate(mode, kept, reference)  # the plain aggregate, bit for bit

@@ -23,9 +23,11 @@ def hub_status(hub: HubService) -> hc.HubStatus:
     current = pointer.version if pointer else None
     now = time.time()
     records = [r for r in (hub.distribution.agents() if hub.distribution else []) if not r.revoked]
-    gates = GateBook(hub.store.root).records()
+    book = GateBook(hub.store.root)
+    gates = book.records()
     # A canary evaluating the version under an open gate is where the hub wants it to be.
-    under_gate = {c: g.version for g in gates if g.state == "open" for c in g.canaries}
+    gate = book.open_gate(gates)
+    under_gate = {canary: gate.version for canary in gate.canaries} if gate else {}
     agents = [
         hc.FleetAgent(
             agent_id=r.agent_id,
