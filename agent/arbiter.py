@@ -7,9 +7,9 @@ States (what ``zk0-agent status`` and the hub see)::
     idle ──round asks───────▶ training ──round replied (or its process died)──▶ idle
 
 The arm and a running policy come first: an arm job starts whenever the arm is free, even
-while a federated round trains in its ClientApp process (that round is not interrupted; it
+while a federated round trains in the agent's round worker (that round is not interrupted; it
 only competes for CPU), and a round is granted the compute only while the arm is idle. A round
-that is not granted within the agent's ``train_wait_s`` gives up on its own side (the ClientApp
+that is not granted within the agent's ``train_wait_s`` gives up on its own side (the round worker
 replies with an error, and the hub counts the agent as dropped for that round).
 
 Pure logic, no threads or I/O: the daemon calls it from its main loop and its control
@@ -37,7 +37,8 @@ ARM_JOBS = (AgentState.RECORDING, AgentState.RUNNING_POLICY)
 
 @dataclass(frozen=True)
 class Lease:
-    """The compute, lent to one ClientApp process for one message of a federated round."""
+    """The compute, lent to the process running one task of a federated round (the agent's
+    round worker, or a ClientApp that runs its task itself)."""
 
     pid: int
     server_round: int
@@ -84,7 +85,7 @@ class Arbiter:
         return True
 
     def reap(self, alive: Callable[[int], bool]) -> Lease | None:
-        """Drop the lease of a ClientApp process that died without releasing it."""
+        """Drop the lease of a process that died without releasing it."""
         lease = self.lease
         if lease is not None and not alive(lease.pid):
             self.lease = None

@@ -11,7 +11,7 @@ revisions, in the agent's own folder (``NodeSettings.personal_dir``)::
     <personal_dir>/current.json                {"revision": n, "sha256": ...}, switched atomically
     <personal_dir>/personal.lock               held while a revision is numbered or current moves
 
-The ClientApp process writes a revision after each round it trained; the agent daemon follows the
+The round worker writes a revision after each round it trained; the agent daemon follows the
 pointer (``zk0.agent.personal_follow``). A revision appears whole (staging folder, fsync, rename)
 and is verified before anything uses it: sha256, names and shapes, finite values.
 """

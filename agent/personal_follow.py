@@ -1,8 +1,8 @@
 """The personalized mode in the agent daemon: run the arm's local part, follow it, roll it back.
 
 The daemon's policy runs (fleet version, local revision): the fleet version as the adapter
-subscriber hands it over, the local revision as this arm's ClientApp writes it
-(``zk0.agent.personal``). The ClientApp is another process, so the daemon polls the store's
+subscriber hands it over, the local revision as this arm's round worker writes it
+(``zk0.agent.personal``). The round worker is another process, so the daemon polls the store's
 ``current.json`` from its main loop (a ``stat`` per turn) and hot-swaps a new revision in the same
 verify-then-switch way as a fleet version. An arm without a revision (inference-only, newly
 enrolled, or a run without a local part) runs the fleet version alone.

@@ -1,4 +1,4 @@
-"""The personalized mode inside a federated round: the ClientApp's half.
+"""The personalized mode inside a federated round: the round worker's half.
 
 With ``personal-rank`` > 0 and a ``personal-dir`` on the node, the round's model is the base, the
 shared adapter from the hub's message and this arm's local part (its current revision, or a fresh

@@ -8,12 +8,14 @@ It owns the arm's connection and composes everything else around it:
 * the **adapter subscriber** (ZeroMQ, CURVE), which fetches every version the hub publishes
   and reports this agent's state, versions and new episodes to the hub;
 * a supervised **Flower SuperNode** child (``flower-supernode``), restarted with back-off
-  when it exits and killed with the daemon (``PR_SET_PDEATHSIG``);
-* the **control socket** (:mod:`zk0.shared.control`) for the local CLI and for the ClientApp,
-  which asks for the compute before every round (:mod:`zk0.agent.arbiter` decides).
+  when it exits and killed with the daemon (``PR_SET_PDEATHSIG``), and beside it the warm
+  **round worker** (``zk0.agent.round_worker``), supervised the same way, that runs each
+  round's training and evaluation with the base built once (the ClientApp hands tasks to it);
+* the **control socket** (:mod:`zk0.shared.control`) for the local CLI and for the round
+  worker, which asks for the compute before every round's task (:mod:`zk0.agent.arbiter` decides).
 
 Control commands: ``zk0.shared.agent_control`` (``zk0-agent status|start-recording|run-task|
-stop-job|rollback|label|labels``, and the ClientApp's ``compute_begin``/``compute_end``).
+stop-job|rollback|label|labels``, and the round worker's ``compute_begin``/``compute_end``).
 Every task episode and its operator label is kept in ``<data_root>/task_episodes.jsonl``
 (``zk0.agent.task_labels``).
 
@@ -85,6 +87,7 @@ class AgentService:
             first_id=self.task_episodes.last_job + 1,
         )
         self._status_line = ""
+        self.round_worker: Supervised | None = None
         self.canary = CanaryFollower(
             self.config, self.robot_config, self.task_episodes, self.arbiter, self.lock
         )
@@ -179,10 +182,12 @@ class AgentService:
             logger.warning("no keys.supernode_private_key/hub_ca_cert: not joining federations")
             return None
         hub, config = self.config.hub, self.config
+        worker_socket = self._start_round_worker(stack)
         node = NodeSettings(
             agent_id=config.agent_id,
             data_root=self.dataset_root,
             control_socket=str(config.control_socket_path.absolute()),
+            round_worker=str(worker_socket),
             personal_dir=str(self.personal.store.root.absolute()),
             # Its own arm: a simulated one is also evaluated closed loop in federated rounds.
             robot_config=str(robot_config_path(config.robot_config).absolute()),
@@ -214,16 +219,26 @@ class AgentService:
         stack.callback(supervised.stop)
         return supervised
 
+    def _start_round_worker(self, stack: contextlib.ExitStack) -> Path:
+        from zk0.agent.round_worker import supervised_worker
+
+        socket_path = self.config.control_socket_path.with_suffix(".worker.sock").absolute()
+        self.round_worker = supervised_worker(socket_path, self.log_dir, self.config.agent_id)
+        stack.callback(self.round_worker.stop)
+        return socket_path
+
     def _turn(self) -> None:
         """One bounded turn of the main loop (besides answering the control socket)."""
         with self.lock:
             dead = self.arbiter.reap(process_alive)
         if dead is not None and not self.canary.owns(dead.pid):  # a round's, not the canary's
-            why = "its ClientApp process died while it held the compute"
+            why = "its round worker died while it held the compute"
             logger.warning(
                 "round {} ({}) ended without a reply: {}", dead.server_round, dead.phase, why
             )
             self._round_ended(dead.server_round, dead.phase, "dropped", why)
+        if self.round_worker is not None:
+            self.round_worker.check()
         if self.supernode is not None:
             self.supernode.check()
         self.personal.check()  # a round's new local revision: hot-swapped like a fleet version

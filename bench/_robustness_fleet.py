@@ -8,7 +8,7 @@ arms share variant sim-00 and sim-01, two share sim-02 and sim-03, none shares a
 Within its block a client holds out every fifth episode (``split_episodes``: 8 train, 2 held
 out). Re-recording ten variants with new seeds would cost ~20 minutes here for the same thing.
 
-Honest training is the ClientApp's (``zk0.agent.client_app._train``): a fresh LoRA copy of the
+Honest training is the round worker's (``zk0.agent.round_tasks._train``): a fresh LoRA copy of the
 base, the global adapter loaded, processors on the fleet's shared statistics, ``train_policy``
 with the round's seed, ``freeze_lora_a`` in ffa. Results are cached by the sha256 of everything
 that shapes them (starting adapter bytes, statistics bytes, client, round, seed, steps), so a

@@ -2,11 +2,13 @@
 
 (a) payload per client per round for full-size adapters vs the whole policy state;
 (b) aggregation time for 10/100/1000 synthetic clients with full-size adapter shapes, per mode;
-(c) Flower's overhead in a real deployment (round wall time minus the slowest client's training);
-(d) eval MSE by round per aggregation mode on 4 non-IID simulated clients, same seeds;
-(e) the same clients and optimizer steps trained centrally (upper bound) and alone (lower bound).
+(c) eval MSE by round per aggregation mode on 4 non-IID simulated clients, same seeds;
+(d) the same clients and optimizer steps trained centrally (upper bound) and alone (lower bound);
+(e) where a real deployment round's time goes, cold ClientApps against warm round workers
+    (``zk0.bench._deployment_round``).
 
-(c)-(e) run on the recorded simulated episodes and take minutes; ``--quick`` runs (a)-(b) only.
+``--parts aggregation`` is (a)-(b), ``learning`` (c)-(d), ``deployment`` (e); the last two run
+on the recorded simulated episodes and take minutes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import torch
 import typer
 
 from zk0.agent.episode_cache import client_datasets
-from zk0.agent.supernode import SuperNode
 from zk0.agent.training import (
     TrainConfig,
     dataset_stats,
@@ -31,20 +32,18 @@ from zk0.agent.training import (
     train_policy,
 )
 from zk0.bench._common import write_result
+from zk0.bench._deployment_round import flower_overhead
 from zk0.hub.aggregation import MODES, ClientUpdate, aggregate
 from zk0.hub.flower_app import CLIENT_APP
 from zk0.hub.history import HISTORY_FILE
-from zk0.hub.superlink import SimulationSuperLink, SuperLink, SuperLinkSettings
+from zk0.hub.superlink import SimulationSuperLink
 from zk0.shared.cli import RobotOption
 from zk0.shared.config import DEFAULT_ROBOT_CONFIG, load_robot_config
 from zk0.shared.features import PolicyFeatures
-from zk0.shared.federation import NodeSettings, RunSettings
-from zk0.shared.flower_keys import TlsFiles, make_node_keypair, make_tls
+from zk0.shared.federation import RunSettings
 from zk0.shared.lora import LoraSpec, adapter_state, apply_lora
 from zk0.shared.normalization import combine_all, to_lerobot
 from zk0.shared.policy_factory import build_fresh_policy, build_policy, make_processors
-from zk0.shared.processes import free_port
-from zk0.shared.store import AdapterStore
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -198,66 +197,7 @@ def _episodes(root: Path) -> int:
     return int(json.loads((root / "meta" / "info.json").read_text())["total_episodes"])
 
 
-def start_supernodes(
-    link: SuperLink, tls: TlsFiles, datasets: dict[str, Path], work: Path
-) -> list[SuperNode]:
-    """For each agent (id -> dataset): a node key registered with ``link`` (``work/keys``) and
-    its SuperNode started on loopback (logs in ``work/logs/<agent>``)."""
-    nodes = []
-    for agent, root in datasets.items():
-        link.register(make_node_keypair(work / "keys" / agent), agent)
-        node = SuperNode(
-            NodeSettings(agent_id=agent, data_root=root),
-            superlink=link.address,
-            root_certificates=tls.ca_cert,
-            private_key=work / "keys" / agent,
-            port=free_port(),
-            flwr_home=link.flwr_home,
-            log_dir=work / "logs" / agent,
-        )
-        node.start()
-        nodes.append(node)
-    return nodes
-
-
-def flower_overhead(datasets: dict[str, Path], work: Path, rounds: int = 2) -> dict[str, float]:
-    """Round wall time minus the slowest client's training, in a TLS + node-auth deployment."""
-    tls = make_tls(work / "tls", ["127.0.0.1"])
-    link = SuperLink(
-        SuperLinkSettings("127.0.0.1", free_port(), work / "state.db", tls),
-        work / "flwr-deploy",
-        work / "logs",
-    )
-    nodes: list[SuperNode] = []
-    try:
-        link.start()
-        agents = {agent: datasets[agent] for agent in ("sim-00", "sim-01")}
-        nodes = start_supernodes(link, tls, agents, work)
-        store = work / "deploy-store"
-        settings = LEARNING.model_copy(
-            update={
-                "num_server_rounds": rounds,
-                "min_nodes": 2,
-                "store_root": str(store),
-                "run_dir": str(work / "run-deploy"),
-            }
-        )
-        result = link.run(settings, timeout_s=3600)
-        if result.returncode != 0:
-            raise RuntimeError(f"deployment run failed: {result.stderr[-500:]}")
-    finally:
-        for node in nodes:
-            node.stop()
-        link.stop()
-    adapters = AdapterStore(store)
-    metrics = [adapters.manifest(v).metrics for v in adapters.versions()[1:]]
-    wall = sum(float(m["train_wall_s"] or 0) for m in metrics)
-    slowest = sum(float(m["slowest_client_train_s"] or 0) for m in metrics)
-    return {
-        "round_wall_s": wall / len(metrics),
-        "slowest_client_train_s": slowest / len(metrics),
-        "flower_overhead_fraction": (wall - slowest) / wall,
-    }
+PARTS = ("aggregation", "learning", "deployment")
 
 
 @app.command()
@@ -266,28 +206,50 @@ def main(
     clients: Annotated[
         str, typer.Option(help="Client counts for the aggregation timing.")
     ] = "10,100,1000",
-    quick: Annotated[bool, typer.Option(help="Only payload and aggregation time.")] = False,
+    parts: Annotated[
+        str,
+        typer.Option(
+            help="Comma list of aggregation (payload and aggregation time), learning (eval MSE "
+            "by mode and its bounds), deployment (a round's overhead, cold ClientApps against "
+            "warm round workers). With fewer than all, the other parts of an existing --json "
+            "file are kept (each part names when it was measured)."
+        ),
+    ] = ",".join(PARTS),
     rounds: Annotated[int, typer.Option(min=1)] = 3,
     episodes: Annotated[int, typer.Option(min=2)] = 10,
     robot_config: RobotOption = DEFAULT_ROBOT_CONFIG,
     threads: int = 1,
 ) -> None:
-    """Payload ratio and aggregation time at full size (the learning comparison follows)."""
-    torch.set_num_threads(threads)
-    shapes, state_bytes = full_size_shapes(robot_config)
-    adapter_bytes = sum(int(np.prod(s)) * 4 for s in shapes.values())
-    times = aggregation_times(shapes, [int(c) for c in clients.split(",")])
-    result: dict[str, Any] = {
-        "adapter_bytes_full_size": adapter_bytes,
-        "policy_state_bytes_full_size": state_bytes,
-        "payload_ratio_full_size": state_bytes / adapter_bytes,
-        "aggregation_s": times,
-        "aggregation_s_100_clients": times["fedavg"].get("100"),
-    }
-    if not quick:
-        import tempfile
+    """Payload ratio and aggregation time at full size, learning by mode, a round's overhead."""
+    import tempfile
 
-        datasets = client_datasets(AGENTS, episodes, 6.0)
+    chosen = [part.strip() for part in parts.split(",") if part.strip()]
+    if unknown := sorted(set(chosen) - set(PARTS)):
+        raise typer.BadParameter(f"no part {unknown[0]!r}; there are: {', '.join(PARTS)}")
+    torch.set_num_threads(threads)
+    result: dict[str, Any] = {}
+    if json_path is not None and json_path.is_file() and set(chosen) != set(PARTS):
+        result = json.loads(json_path.read_text())
+    measured = result.setdefault("parts_measured", {})
+    summary: list[str] = []
+    if "aggregation" in chosen:
+        shapes, state_bytes = full_size_shapes(robot_config)
+        adapter_bytes = sum(int(np.prod(s)) * 4 for s in shapes.values())
+        times = aggregation_times(shapes, [int(c) for c in clients.split(",")])
+        result |= {
+            "adapter_bytes_full_size": adapter_bytes,
+            "policy_state_bytes_full_size": state_bytes,
+            "payload_ratio_full_size": state_bytes / adapter_bytes,
+            "aggregation_s": times,
+            "aggregation_s_100_clients": times["fedavg"].get("100"),
+        }
+        summary.append(
+            f"adapter {adapter_bytes / 1e6:.2f} MB vs policy {state_bytes / 1e9:.2f} GB "
+            f"(x{state_bytes / adapter_bytes:.0f} smaller); aggregation of 100 full-size adapters "
+            + ", ".join(f"{mode} {times[mode].get('100', float('nan')):.2f}s" for mode in MODES)
+        )
+    datasets = client_datasets(AGENTS, episodes, 6.0) if set(chosen) - {"aggregation"} else {}
+    if "learning" in chosen:
         with tempfile.TemporaryDirectory(prefix="zk0-bench-fed-") as tmp:
             work = Path(tmp)
             histories = {
@@ -300,7 +262,6 @@ def main(
                 for mode in MODES
             }
             bounds = baselines(rounds, datasets)
-            overhead = flower_overhead(datasets, work)
         result |= {
             "eval_mse_by_round": {mode: h["average"] for mode, h in histories.items()},
             "eval_mse_by_client": {mode: h["clients"] for mode, h in histories.items()},
@@ -309,8 +270,6 @@ def main(
             "final_mse_centralized": float(np.mean(list(bounds["centralized"].values()))),
             "final_mse_local_only": float(np.mean(list(bounds["local_only"].values()))),
             "baselines_by_client": bounds,
-            "flower_overhead_fraction": overhead["flower_overhead_fraction"],
-            "deployment_round": overhead,
             "setup": {
                 "clients": AGENTS,
                 "episodes_per_client": episodes,
@@ -318,18 +277,39 @@ def main(
                 **LEARNING.to_flower(),
             },
         }
-    summary = (
-        f"federated: adapter {adapter_bytes / 1e6:.2f} MB vs policy {state_bytes / 1e9:.2f} GB "
-        f"(x{state_bytes / adapter_bytes:.0f} smaller); aggregation of 100 full-size adapters "
-        + ", ".join(f"{mode} {times[mode].get('100', float('nan')):.2f}s" for mode in MODES)
-    )
-    if not quick:
-        summary += (
-            "; final eval MSE "
+        summary.append(
+            "final eval MSE "
             + ", ".join(f"{m} {v:.4f}" for m, v in result["final_mse_by_mode"].items())
             + f" (start {result['initial_mse']:.4f}, "
             f"centralized {result['final_mse_centralized']:.4f}, "
-            f"local-only {result['final_mse_local_only']:.4f}); Flower overhead "
-            f"{result['flower_overhead_fraction']:.0%} of a deployment round"
+            f"local-only {result['final_mse_local_only']:.4f})"
         )
-    write_result(json_path, result, summary)
+    if "deployment" in chosen:
+        rounds_of: dict[str, Any] = {}
+        for name, warm in (("cold", False), ("warm", True)):  # side by side, the same episodes
+            with tempfile.TemporaryDirectory(prefix=f"zk0-bench-fed-{name}-") as tmp:
+                rounds_of[name] = flower_overhead(LEARNING, datasets, Path(tmp), warm=warm)
+        warm_round = rounds_of["warm"]
+        result |= {
+            "flower_overhead_s_per_round": warm_round["flower_overhead_s_per_round"],
+            "flower_overhead_fraction": warm_round["flower_overhead_fraction"],
+            "flower_overhead_warm_over_cold": warm_round["flower_overhead_s_per_round"]
+            / rounds_of["cold"]["flower_overhead_s_per_round"],
+            "deployment_round": rounds_of,
+            "deployment_setup": {
+                "supernodes": 2,
+                "local_steps": LEARNING.local_steps,
+                "eval_frames": LEARNING.eval_frames,
+            },
+        }
+        summary.append(
+            f"Flower overhead per deployment round {warm_round['flower_overhead_s_per_round']:.1f}"
+            f" s ({warm_round['flower_overhead_fraction']:.0%}) with warm round workers, "
+            f"{rounds_of['cold']['flower_overhead_s_per_round']:.1f} s "
+            f"({rounds_of['cold']['flower_overhead_fraction']:.0%}) cold"
+        )
+    for part in chosen:
+        measured[part] = {"date": time.strftime("%Y-%m-%d"), "threads": threads}
+    result.pop("summary", None)
+    result.pop("machine", None)
+    write_result(json_path, result, "federated: " + "; ".join(summary))

@@ -321,6 +321,9 @@ def main(grid: Grid, context: Context) -> None:
                 "bytes_received": report.bytes_received,
                 "train_wall_s": report.train_wall_s,
                 "slowest_client_train_s": report.slowest_train_s,
+                "slowest_client_task_s": report.slowest_task_s,
+                "clientapp_start_s": report.clientapp_start_s,
+                "handover_s": report.handover_s,
             }
             if (success := history.success_average[-1]) is not None:
                 metrics["eval_success_rate"] = success.rate

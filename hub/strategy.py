@@ -40,12 +40,15 @@ from zk0.hub.server_optimizer import step as server_step
 from zk0.shared.federation import (
     AGENT_ID,
     ARRAYS_KEY,
+    CLIENTAPP_START_SECONDS,
     EVAL_MSE,
+    HANDOVER_SECONDS,
     META_KEY,
     METRICS_KEY,
     SUCCESS_COUNT,
     SUCCESS_EPISODES,
     SUCCESS_EPISODES_ASKED,
+    TASK_SECONDS,
     TRAIN_SECONDS,
     RunSettings,
 )
@@ -75,6 +78,12 @@ class RoundReport:
     train_wall_s: float = 0.0
     #: The slowest accepted client's own training time: the rest of train_wall_s is overhead.
     slowest_train_s: float = 0.0
+    #: Where that overhead went, as the accepted clients report it (the largest of each, each
+    #: bounded by train_wall_s): the whole task with its model set-up, the ClientApp process's
+    #: start, the hand-over to the agent's round worker and back (``zk0.shared.federation``).
+    slowest_task_s: float = 0.0
+    clientapp_start_s: float = 0.0
+    handover_s: float = 0.0
     trained: list[str] = field(default_factory=list)
     dropped: dict[str, str] = field(default_factory=dict)
     #: Agents whose replies counted within bounds (update norm clipped, weight capped), and why.
@@ -87,6 +96,22 @@ class RoundReport:
     success_asked: int = 0
     #: Accepted closed-loop results; agents that ran no episode are absent.
     success: dict[str, SuccessRate] = field(default_factory=dict)
+
+    def add_timing(self, metrics: MetricRecord) -> None:
+        """One accepted reply's self-reported seconds: kept where finite and within the round."""
+        for key, name in _TIMINGS.items():
+            value = metrics.get(key)
+            if isinstance(value, float) and 0.0 <= value <= self.train_wall_s:
+                setattr(self, name, max(getattr(self, name), value))
+
+
+#: Reply metric -> the RoundReport field that keeps the largest.
+_TIMINGS = {
+    TRAIN_SECONDS: "slowest_train_s",
+    TASK_SECONDS: "slowest_task_s",
+    CLIENTAPP_START_SECONDS: "clientapp_start_s",
+    HANDOVER_SECONDS: "handover_s",
+}
 
 
 def _no_episodes(server_round: int) -> int:
@@ -218,9 +243,7 @@ class LoRAFedAvg(FedAvg):
             accepted.append(message.content)
             updates.append(update)
             report.trained.append(agent)
-            seconds = message.content[METRICS_KEY].get(TRAIN_SECONDS)
-            if isinstance(seconds, float):
-                report.slowest_train_s = max(report.slowest_train_s, seconds)
+            report.add_timing(message.content.metric_records[METRICS_KEY])
         if not updates:
             logger.error(
                 "round {}: no valid replies; the global adapter stays as it was", server_round

@@ -1,5 +1,5 @@
 """The agent daemon's control protocol (``zk0-agent run``): every command and reply, for both
-ends (the daemon, ``zk0-agent status|start-recording|run-task|stop-job|rollback``, the ClientApp
+ends (the daemon, ``zk0-agent status|start-recording|run-task|stop-job|rollback``, the round worker
 asking for the compute, the demo). Transport and framing: ``zk0.shared.control``.
 
 =================  ==================================  ======================================
@@ -16,7 +16,8 @@ command            arguments                           reply
 ``compute_end``    pid, round, phase, outcome, reason  :class:`ComputeReleased`
 =================  ==================================  ======================================
 
-``compute_begin`` is asked by a ClientApp process before it trains or evaluates; it is granted
+``compute_begin`` is asked by the process running a round's task (the agent's round worker)
+before it trains or evaluates; it is granted
 only while the arm is idle (``zk0.agent.arbiter``), and the process asks again each second
 until its ``train_wait_s`` runs out. ``compute_end`` tells how its part of the round ended:
 ``replied``, ``failed``, or ``skipped`` (it gave up waiting, holding nothing).

@@ -29,8 +29,8 @@ class RoundOutcome(WireModel):
     """How this agent's part in the last federated round it was asked into ended.
 
     ``trained``/``evaluated``: it replied. ``skipped``: the arm stayed busy for the agent's
-    ``train_wait_s`` and the round went on without it. ``dropped``: its ClientApp failed or died
-    while it held the compute (``reason`` says how).
+    ``train_wait_s`` and the round went on without it. ``dropped``: its round task failed, or
+    its worker died while it held the compute (``reason`` says how).
     """
 
     round: Annotated[int, Field(ge=0, le=10**9)]

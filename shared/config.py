@@ -166,7 +166,7 @@ class AgentConfig(AgentCompute):
     hub: HubAddress = HubAddress()
     keys: AgentKeys | None = None
     policy: str = "lerobot/smolvla_base"
-    #: The daemon's local control socket (its CLI and its ClientApp); default
+    #: The daemon's local control socket (its CLI and its round worker); default
     #: ``<data_root>/agent.sock``.
     control_socket: Path | None = None
     distribution_limits: DistributionLimits = Field(default_factory=DistributionLimits)

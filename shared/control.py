@@ -1,9 +1,9 @@
-"""The local control socket of a zk0 daemon: its CLI and its Flower ClientApp talk to it here.
+"""The local control socket of a zk0 daemon: its CLI and its round worker talk to it here.
 
 ZeroMQ request/reply over ``ipc://`` (a Unix socket file, mode 0660: the service user and its
 group). The daemon owns a ROUTER that its main loop polls, so a request is answered between
 two loop turns and a handler never blocks the loop; a client that must wait for something
-(the ClientApp waiting for permission to train) asks again. One JSON object each way::
+(the round worker waiting for permission to train) asks again. One JSON object each way::
 
     -> {"v": "2.0", "cmd": "status", "args": {...}}
     <- {"v": "2.0", "ok": true, "result": {...}}     or   {"v": "2.0", "ok": false, "error": "..."}

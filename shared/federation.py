@@ -40,6 +40,13 @@ AGENT_ID = "agent-id"
 EXAMPLES = "num-examples"
 EVAL_MSE = "eval-mse"
 TRAIN_SECONDS = "train-seconds"
+#: Train and evaluate reply metrics, where a round's time goes on the agent (seconds): the whole
+#: task in the process that ran it (model set-up included; ``train-seconds`` is the optimizer
+#: steps alone), the ClientApp process's start until it ran, and the hand-over to the round
+#: worker and back (0 without one).
+TASK_SECONDS = "task-seconds"
+CLIENTAPP_START_SECONDS = "clientapp-start-seconds"
+HANDOVER_SECONDS = "handover-seconds"
 NORMALIZATION = "normalization"
 #: Evaluate config: closed-loop episodes the hub asks for this round (0: none).
 SUCCESS_EPISODES_ASKED = "success-episodes-asked"
@@ -343,6 +350,9 @@ class NodeSettings(FlowerSettings, AgentCompute):
     #: The agent daemon's control socket: ask it before using the compute (empty: no daemon,
     #: e.g. a SuperNode started on its own or a simulated node).
     control_socket: str = ""
+    #: The agent daemon's warm round worker (``zk0.agent.round_worker``): the ClientApp hands
+    #: each task to it (empty: the ClientApp runs the task itself, e.g. a simulated node).
+    round_worker: str = ""
     #: The agent's own arm (a file or a shipped name such as ``sim_so101``); empty: unknown.
     #: Only a simulated arm runs closed-loop evaluation episodes in a round.
     robot_config: str = ""

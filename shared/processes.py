@@ -289,6 +289,13 @@ def process_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (its ``/proc`` start time against the uptime)."""
+    after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    started_s = int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
+    return float(Path("/proc/uptime").read_text().split()[0]) - started_s
+
+
 def _signal(pid: int, sig: int) -> bool:
     try:
         os.kill(pid, sig)

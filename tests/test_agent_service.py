@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from conftest import SIM_ROBOT, FakeSystemd, wait_until
-from zk0.agent.client_app import compute_permission
+from zk0.agent.round_tasks import compute_permission
 from zk0.shared import agent_control as ac
 from zk0.shared.config import load_robot_config
 from zk0.shared.control import ControlError, request
@@ -164,7 +164,7 @@ def test_the_arm_comes_first_and_versions_hot_swap(daemon: Any, systemd: FakeSys
     assert "now running the base policy" in daemon.cli("rollback")
     wait_until(lambda: daemon.status().in_use is None, 30, "the base in use again")
 
-    # A ClientApp process that dies holding the compute does not block the agent forever.
+    # A round's process that dies holding the compute does not block the agent forever.
     dead = subprocess.Popen(["true"])
     dead.wait()
     assert request(daemon.socket, ac.ComputeBegin(pid=dead.pid, round=2, phase="train")).granted

@@ -14,8 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from zk0.agent.episode_cache import client_datasets
-from zk0.agent.supernode import SuperNode
-from zk0.bench.federated import start_supernodes
+from zk0.bench._deployment_round import BenchNode, start_supernodes
 from zk0.hub.superlink import SimulationSuperLink, SuperLink, SuperLinkSettings
 from zk0.shared.artifact import TENSORS_FILE, verify_artifact
 from zk0.shared.federation import RunSettings
@@ -136,7 +135,7 @@ def test_deployment_with_tls_auth_a_nan_client_and_a_hub_restart(
             }
         )
 
-    nodes: list[SuperNode] = []
+    nodes: list[BenchNode] = []
     try:
         link.start()
         nodes = start_supernodes(link, tls, agents, tmp_path)

@@ -194,7 +194,7 @@ def test_history_without_success_keeps_the_mse_table_and_reads_old_files(tmp_pat
 @pytest.fixture(scope="module")
 def agent_round() -> tuple[RunSettings, Path, Message]:
     """A short recorded dataset, the run, and a round-0 evaluate message (fresh adapter)."""
-    from zk0.agent import client_app
+    from zk0.agent import round_tasks
     from zk0.agent.episode_cache import recorded
     from zk0.agent.training import dataset_stats, open_dataset
     from zk0.shared.lora import adapter_state, apply_lora
@@ -203,7 +203,7 @@ def agent_round() -> tuple[RunSettings, Path, Message]:
 
     data_root = recorded("fed-success", CLIENT_VARIANTS["sim-00"], episodes=2, episode_time_s=1.0)
     run = RunSettings(policy="tiny-sim-base", eval_frames=2, seed=3)
-    base = client_app._base(run.policy, str(run.robot_config_path))
+    base = round_tasks._base(run.policy, str(run.robot_config_path))
     peft_model = apply_lora(copy.deepcopy(base.policy), run.lora, base.base.name_or_path)
     stats = dataset_stats(open_dataset(data_root, base.policy.config))
     with pytest.MonkeyPatch.context() as patch:  # a module-scoped fixture cannot use the fixture
@@ -226,7 +226,7 @@ def _robot_yaml(folder: Path, name: str, config: Any) -> str:
 def test_the_simulated_arm_runs_the_asked_episodes_a_real_one_none(
     agent_round: tuple[RunSettings, Path, Message], tmp_path: Path
 ) -> None:
-    from zk0.agent.client_app import _evaluate
+    from zk0.agent.round_tasks import _evaluate
     from zk0.shared.config import load_robot_config
     from zk0.shared.sim_variants import CLIENT_VARIANTS, variant_config
 
@@ -234,7 +234,7 @@ def test_the_simulated_arm_runs_the_asked_episodes_a_real_one_none(
     # Half a simulated second (15 control periods): one chunk per episode.
     sim = _robot_yaml(tmp_path, "sim", variant_config(CLIENT_VARIANTS["sim-00"], 0.5))
     node = NodeSettings(agent_id="sim-00", data_root=data_root, robot_config=sim)
-    metrics = _evaluate(message, run, node).content[METRICS_KEY]
+    metrics = _evaluate(message, run, node, 0)[METRICS_KEY]
     count, episodes = metrics[SUCCESS_COUNT], metrics[SUCCESS_EPISODES]
     assert isinstance(count, int) and isinstance(episodes, int)
     assert episodes == 2 and 0 <= count <= episodes
@@ -243,6 +243,6 @@ def test_the_simulated_arm_runs_the_asked_episodes_a_real_one_none(
     synthetic = _robot_yaml(tmp_path, "synthetic", load_robot_config("synthetic"))
     for robot_config in (synthetic, ""):  # an arm that is not the simulated one; none at all
         node = NodeSettings(agent_id="arm-01", data_root=data_root, robot_config=robot_config)
-        metrics = _evaluate(message, run, node).content[METRICS_KEY]
+        metrics = _evaluate(message, run, node, 0)[METRICS_KEY]
         assert SUCCESS_COUNT not in metrics and SUCCESS_EPISODES not in metrics
         assert isinstance(metrics[EVAL_MSE], float)

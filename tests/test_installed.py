@@ -632,3 +632,12 @@ def _fleet_round(fleet: Fleet) -> None:
     assert "zk0.agent.service" in by_program["zk0-agent"]
     assert "zk0.hub.server_app" in by_program["flwr-serverapp"]
     assert "zk0.agent.client_app" in by_program["flwr-clientapp"]
+    # The ClientApp only hands tasks over: the agent's warm round worker trained.
+    worker_modules = {"zk0.agent.round_worker", "zk0.agent.round_tasks"}
+    trained_in = {
+        Path(p["argv"][0]).name
+        for p in processes
+        if worker_modules <= {m["module"] for m in p["modules"]}
+    }
+    assert trained_in and trained_in.isdisjoint({"flwr-clientapp", "zk0-agent"}), trained_in
+    assert "zk0.agent.round_tasks" not in by_program["flwr-clientapp"]

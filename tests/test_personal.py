@@ -51,14 +51,14 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def arm() -> tuple[Path, dict[str, torch.Tensor], bytes]:
     """A cached two-episode simulated dataset, a fresh shared adapter and its normalization."""
-    from zk0.agent import client_app
+    from zk0.agent import round_tasks
     from zk0.agent.episode_cache import recorded
     from zk0.agent.training import dataset_stats, open_dataset
     from zk0.shared.normalization import dumps
     from zk0.shared.sim_variants import CLIENT_VARIANTS
 
     data_root = recorded("fed-success", CLIENT_VARIANTS["sim-00"], episodes=2, episode_time_s=1.0)
-    base = client_app._base(RUN.policy, str(RUN.robot_config_path))
+    base = round_tasks._base(RUN.policy, str(RUN.robot_config_path))
     peft_model = apply_lora(copy.deepcopy(base.policy), RUN.lora, base.base.name_or_path)
     stats = dumps(dataset_stats(open_dataset(data_root, base.policy.config)))
     return data_root, adapter_state(peft_model), stats
@@ -74,7 +74,7 @@ def _message(shared: dict[str, torch.Tensor], stats: bytes, server_round: int) -
 def test_the_local_part_trains_and_never_leaves_the_arm_then_resumes_after_a_restart(
     arm: tuple[Path, dict[str, torch.Tensor], bytes], tmp_path: Path
 ) -> None:
-    from zk0.agent import client_app
+    from zk0.agent import round_tasks
     from zk0.agent.personal_round import attach
 
     data_root, shared, stats = arm
@@ -86,10 +86,10 @@ def test_the_local_part_trains_and_never_leaves_the_arm_then_resumes_after_a_res
     assert node.personal_dir == str(sim_root / "sim-00.personal")  # simulation's local parts
     store = PersonalStore(Path(node.personal_dir))
 
-    reply = client_app._train(_message(shared, stats, 1), RUN, node, 1)
+    reply = RecordDict(round_tasks._train(_message(shared, stats, 1), RUN, node, 1))
     # Only the shared adapter travels: exactly its names, shapes and bytes, nothing of rank 4.
-    assert list(reply.content.array_records) == [ARRAYS_KEY]
-    arrays = reply.content.array_records[ARRAYS_KEY]
+    assert list(reply.array_records) == [ARRAYS_KEY]
+    arrays = reply.array_records[ARRAYS_KEY]
     sent = arrays.to_torch_state_dict()
     assert {k: v.shape for k, v in sent.items()} == {k: v.shape for k, v in shared.items()}
     assert arrays.count_bytes() == ArrayRecord(shared).count_bytes()
@@ -102,8 +102,8 @@ def test_the_local_part_trains_and_never_leaves_the_arm_then_resumes_after_a_res
     assert any(t.abs().sum() > 0 for k, t in first.state.items() if ".lora_B." in k)
 
     # A restart: a new process holds nothing but the disk. The next round resumes from r1.
-    client_app._base.cache_clear()
-    base = client_app._base(RUN.policy, str(RUN.robot_config_path))
+    round_tasks._base.cache_clear()
+    base = round_tasks._base(RUN.policy, str(RUN.robot_config_path))
     fresh = apply_lora(copy.deepcopy(base.policy), RUN.lora, base.base.name_or_path)
     load_adapter_state(fresh, sent)
     resumed = attach(fresh, RUN, node, sent)
@@ -114,14 +114,14 @@ def test_the_local_part_trains_and_never_leaves_the_arm_then_resumes_after_a_res
     attach(ffa, RUN.model_copy(update={"aggregation": "ffa"}), node, sent)
     trainable = {n.split(".lora_")[1] for n, p in ffa.named_parameters() if p.requires_grad}
     assert trainable == {"B.default.weight", "A.personal.weight", "B.personal.weight"}
-    client_app._train(_message(sent, stats, 2), RUN, node, 2)
+    round_tasks._train(_message(sent, stats, 2), RUN, node, 2)
     second = store.load_current()
     assert second is not None and (second.revision, second.meta.parent) == (2, 1)
     assert any(not torch.equal(second.state[k], first.state[k]) for k in first.state)
 
     # Evaluation runs what the arm runs (shared + local); a node without a store, shared alone.
     def eval_mse(on: NodeSettings) -> object:
-        metrics = client_app._evaluate(_message(sent, stats, 2), RUN, on).content[METRICS_KEY]
+        metrics = round_tasks._evaluate(_message(sent, stats, 2), RUN, on, 2)[METRICS_KEY]
         return metrics[EVAL_MSE]
 
     assert eval_mse(node) != eval_mse(node.model_copy(update={"personal_dir": ""}))
