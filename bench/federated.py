@@ -33,7 +33,7 @@ from zk0.agent.training import (
 )
 from zk0.bench._common import write_result
 from zk0.bench._deployment_round import flower_overhead
-from zk0.hub.aggregation import MODES, ClientUpdate, aggregate
+from zk0.hub.aggregation import MODES
 from zk0.hub.flower_app import CLIENT_APP
 from zk0.hub.history import HISTORY_FILE
 from zk0.hub.superlink import SimulationSuperLink
@@ -59,41 +59,42 @@ def full_size_shapes(robot_config: str) -> tuple[dict[str, tuple[int, ...]], int
     return shapes, state_bytes
 
 
-def synthetic_updates(
-    shapes: dict[str, tuple[int, ...]], count: int, seed: int
-) -> list[ClientUpdate]:
-    rng = np.random.default_rng(seed)
-    shared_a = {
-        n: rng.normal(0, 0.02, s).astype(np.float32) for n, s in shapes.items() if ".lora_A." in n
-    }
-    return [
-        ClientUpdate(
-            f"c{i}",
-            {
-                n: shared_a[n]
-                if n in shared_a and i % 2 == 0
-                else rng.normal(0, 0.02, s).astype(np.float32)
-                for n, s in shapes.items()
-            },
-            int(rng.integers(100, 1000)),
-        )
-        for i in range(count)
-    ]
+#: Pinned for the aggregation timing: the BLAS numpy loaded reads one of these at start.
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def aggregation_times(
-    shapes: dict[str, tuple[int, ...]], counts: list[int]
-) -> dict[str, dict[str, float]]:
-    times: dict[str, dict[str, float]] = {mode: {} for mode in MODES}
-    for count in counts:
-        updates = synthetic_updates(shapes, count, seed=count)
-        reference = updates[0].arrays
-        for mode in MODES:
-            start = time.perf_counter()
-            aggregate(mode, updates, reference)
-            times[mode][str(count)] = time.perf_counter() - start
-        del updates
-    return times
+    shapes: dict[str, tuple[int, ...]], counts: list[int], threads: int, robust_up_to: int = 100
+) -> dict[str, Any]:
+    """Per client count, in a process of its own with ``threads`` BLAS threads
+    (``zk0.bench._aggregation_timing``): read and aggregation seconds, its peak memory."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    pinned = {name: str(threads) for name in BLAS_THREAD_VARIABLES}
+    by_count: dict[str, Any] = {}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as shapes_file:
+        json.dump(shapes, shapes_file)
+        shapes_file.flush()
+        for count in counts:
+            argv = [sys.executable, "-m", "zk0.bench._aggregation_timing", shapes_file.name]
+            argv += [str(count)] + (["--robust"] if count <= robust_up_to else [])
+            done = subprocess.run(
+                argv, env=os.environ | pinned, capture_output=True, text=True, check=False
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"aggregation timing at {count}: {done.stderr[-500:]}")
+            by_count[str(count)] = json.loads(done.stdout.splitlines()[-1])
+    times: dict[str, Any] = {mode: {n: t[mode] for n, t in by_count.items()} for mode in MODES}
+    return {
+        **times,
+        "read_s": {n: t["read_s"] for n, t in by_count.items()},
+        "robust": {n: t["robust"] for n, t in by_count.items() if "robust" in t},
+        "peak_rss_mb": {n: t["peak_rss_mb"] for n, t in by_count.items()},
+        "blas_threads": threads,
+    }
 
 
 AGENTS = ["sim-00", "sim-01", "sim-02", "sim-03"]
@@ -235,13 +236,18 @@ def main(
     if "aggregation" in chosen:
         shapes, state_bytes = full_size_shapes(robot_config)
         adapter_bytes = sum(int(np.prod(s)) * 4 for s in shapes.values())
-        times = aggregation_times(shapes, [int(c) for c in clients.split(",")])
+        timing = aggregation_times(shapes, [int(c) for c in clients.split(",")], threads)
+        times = {mode: timing[mode] for mode in MODES}
         result |= {
             "adapter_bytes_full_size": adapter_bytes,
             "policy_state_bytes_full_size": state_bytes,
             "payload_ratio_full_size": state_bytes / adapter_bytes,
             "aggregation_s": times,
             "aggregation_s_100_clients": times["fedavg"].get("100"),
+            "aggregation_read_s": timing["read_s"],
+            "aggregation_robust_s": timing["robust"],
+            "aggregation_peak_rss_mb": timing["peak_rss_mb"],
+            "aggregation_blas_threads": timing["blas_threads"],
         }
         summary.append(
             f"adapter {adapter_bytes / 1e6:.2f} MB vs policy {state_bytes / 1e9:.2f} GB "

@@ -16,18 +16,23 @@ Replies are validated before they count (names, shapes, dtypes, finite values, e
 counts); a bad reply is dropped with its reason and the rest are aggregated. The hub bounds
 them first (``zk0.hub.robust``: clipped and outlying updates, capped example counts) and calls
 the weighted forms here (:func:`weighted_sum`, :func:`svd_of_weighted_products`). Products
-are formed in float64: replies of 1e30 must not overflow into inf or NaN factors.
+are formed in float64: replies of 1e30 must not overflow into inf or NaN factors. A mean reads
+every reply once, at memory speed, where the hub read them into one matrix (``update_rows``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
+if TYPE_CHECKING:
+    from zk0.hub.update_rows import ReplyRows
+
 Arrays = dict[str, NDArray[np.float32]]
+
 Mode = Literal["fedavg", "svd", "ffa"]
 MODES: tuple[Mode, ...] = ("fedavg", "svd", "ffa")
 MAX_EXAMPLES_PER_CLIENT = 10_000_000
@@ -38,6 +43,10 @@ class ClientUpdate:
     client: str
     arrays: Arrays
     num_examples: int
+    #: Where the reply was read into a row of the round's matrix (its arrays are views of it):
+    #: the mean is then one matrix-vector product (``zk0.hub.update_rows``).
+    rows: ReplyRows | None = None
+    row: int = -1
 
 
 def validate_update(update: ClientUpdate, reference: Arrays) -> str | None:
@@ -76,7 +85,11 @@ def weighted_sum(arrays: list[Arrays], weights: NDArray[np.float64]) -> Arrays:
 
 
 def fedavg(updates: list[ClientUpdate]) -> Arrays:
-    """Example-weighted mean of every tensor (accumulated in float64)."""
+    """Example-weighted mean of every tensor: over the rows of the round's matrix where the
+    replies were read into one, else tensor by tensor (accumulated in float64)."""
+    rows = updates[0].rows
+    if rows is not None and all(u.rows is rows for u in updates):
+        return rows.weighted_sum([u.row for u in updates], _weights(updates))
     return weighted_sum([u.arrays for u in updates], _weights(updates))
 
 
@@ -116,9 +129,29 @@ def svd_of_weighted_products(arrays: list[Arrays], weights: NDArray[np.float64])
             w * np.asarray(x[b_name], np.float64) for w, x in zip(weights, arrays, strict=True)
         ]
         stacked_a = np.concatenate([np.asarray(x[a_name], np.float64) for x in arrays], axis=0)
-        delta = np.concatenate(scaled_b, axis=1) @ stacked_a
-        result[b_name], result[a_name] = rank_r_factors(delta, rank)
+        stacked_b = np.concatenate(scaled_b, axis=1)
+        if 2 * stacked_a.shape[0] <= min(stacked_b.shape[0], stacked_a.shape[1]):
+            result[b_name], result[a_name] = factors_of_product(stacked_b, stacked_a, rank)
+        else:
+            result[b_name], result[a_name] = rank_r_factors(stacked_b @ stacked_a, rank)
     return result
+
+
+def factors_of_product(
+    left: NDArray[np.float64], right: NDArray[np.float64], rank: int
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """:func:`rank_r_factors` of ``left @ right`` without forming it, for a thin inner side
+    (few clients): with ``left = Q_l R_l`` and ``rightᵀ = Q_r R_r``, the product's SVD is that
+    of the small core ``R_l R_rᵀ`` carried back by ``Q_l`` and ``Q_r`` (exact, and several
+    times faster than the Gram of the full product while the inner side is under half of it).
+    """
+    q_left, r_left = np.linalg.qr(left)
+    q_right, r_right = np.linalg.qr(right.T)
+    u, sigma, vt = np.linalg.svd(r_left @ r_right.T)
+    root = np.sqrt(sigma[:rank])
+    b = (q_left @ u[:, :rank]) * root
+    a = root[:, None] * (vt[:rank] @ q_right.T)
+    return b.astype(np.float32), a.astype(np.float32)
 
 
 def rank_r_factors(

@@ -37,6 +37,7 @@ from zk0.hub.aggregation import Arrays, ClientUpdate, Mode, ffa_violation, valid
 from zk0.hub.robust import AggregationError, RobustSettings, robust_aggregate
 from zk0.hub.server_optimizer import OptimizerSettings, OptimizerState
 from zk0.hub.server_optimizer import step as server_step
+from zk0.hub.update_rows import Layout, ReplyRows
 from zk0.shared.federation import (
     AGENT_ID,
     ARRAYS_KEY,
@@ -217,9 +218,12 @@ class LoRAFedAvg(FedAvg):
         accepted: list[RecordDict] = []
         updates: list[ClientUpdate] = []
         held = self.held_frames() if self.held_frames is not None else {}
+        replies = list(replies)
+        layout = Layout.of(reference)
+        rows = ReplyRows(layout, len(replies)) if layout is not None else None
         for message in replies:
             agent = agent_of(message)
-            reason, update = self._check_train_reply(message, agent, reference)
+            reason, update = self._check_train_reply(message, agent, reference, rows)
             if update is not None and 0 < held.get(agent, 0) < update.num_examples:
                 report.clipped[agent] = (
                     f"example count {update.num_examples} capped to the {held[agent]} frames "
@@ -296,7 +300,7 @@ class LoRAFedAvg(FedAvg):
         return to_record(merged), aggregate_metricrecords(counted, self.weighted_by_key)
 
     def _check_train_reply(
-        self, message: Message, agent: str, reference: Arrays
+        self, message: Message, agent: str, reference: Arrays, rows: ReplyRows | None
     ) -> tuple[str | None, ClientUpdate | None]:
         if message.has_error():
             return f"error reply: {message.error.reason}", None
@@ -306,7 +310,12 @@ class LoRAFedAvg(FedAvg):
         examples = content[METRICS_KEY].get(self.weighted_by_key)
         if not isinstance(examples, int):
             return f"'{self.weighted_by_key}' missing or not an integer", None
-        update = ClientUpdate(agent, to_numpy(content.array_records[ARRAYS_KEY]), examples)
+        record = content.array_records[ARRAYS_KEY]
+        row = rows.add(record) if rows is not None else None
+        if rows is not None and row is not None:  # read once, into the round's matrix
+            update = ClientUpdate(agent, rows.arrays(row), examples, rows, row)
+        else:
+            update = ClientUpdate(agent, to_numpy(record), examples)
         reason = validate_update(update, reference)
         if reason is None and self.aggregation == "ffa":
             reason = ffa_violation(update, reference)

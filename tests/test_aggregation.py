@@ -40,6 +40,34 @@ def test_fedavg_is_the_example_weighted_mean() -> None:
     assert merged[A].dtype == np.float32
 
 
+def test_replies_read_into_rows_average_as_tensor_by_tensor_and_a_dropped_nan_row_is_not_read() -> (
+    None
+):
+    from zk0.hub.strategy import to_record
+    from zk0.hub.update_rows import Layout, ReplyRows
+
+    updates = [_update(seed, examples) for seed, examples in ((1, 10), (2, 30), (3, 60))]
+    layout = Layout.of(updates[0].arrays)
+    assert layout is not None
+    rows = ReplyRows(layout, 4)
+    poisoned = {A: np.full_like(updates[0].arrays[A], np.nan), B: updates[0].arrays[B]}
+    read = []
+    for update in [*updates[:2], ClientUpdate("nan", poisoned, 5), *updates[2:]]:
+        row = rows.add(to_record(update.arrays))
+        assert row is not None
+        read.append(ClientUpdate(update.client, rows.arrays(row), update.num_examples, rows, row))
+    kept = [u for u in read if u.client != "nan"]  # validation drops the NaN reply
+    merged = aggregate("fedavg", kept, kept[0].arrays)
+    expected = aggregate("fedavg", updates, updates[0].arrays)  # tensor by tensor, float64
+    for name in (A, B):
+        np.testing.assert_allclose(merged[name], expected[name], rtol=1e-6, atol=1e-7)
+        assert merged[name].dtype == np.float32 and np.isfinite(merged[name]).all()
+    # A reply whose tensors do not fit the layout is not read into a row.
+    other = {A: updates[0].arrays[A].astype(np.float64), B: updates[0].arrays[B]}
+    assert ReplyRows(layout, 1).add(to_record(other)) is None
+    assert ReplyRows(layout, 1).add(to_record({B: updates[0].arrays[B]})) is None
+
+
 def test_fedavg_of_factors_is_not_the_mean_update_but_svd_is_its_best_rank_r_fit() -> None:
     updates = [_update(seed, 10 * seed) for seed in (1, 2, 3)]
     weights = np.array([10, 20, 30]) / 60
@@ -118,3 +146,18 @@ def test_corrupt_statistics_are_refused() -> None:
     stats["var"] = [-1.0, 0.0]
     with pytest.raises(ValueError, match="negative variance"):
         FeatureStats.from_dict(stats)
+
+
+def test_svd_of_few_clients_through_the_thin_core_is_the_same_best_rank_r_fit() -> None:
+    from zk0.hub.aggregation import factors_of_product, rank_r_factors
+
+    rng = np.random.default_rng(7)
+    left, right = rng.normal(size=(40, 12)), rng.normal(size=(12, 30))  # 3 clients of rank 4
+    thin_b, thin_a = factors_of_product(left, right, 4)
+    dense_b, dense_a = rank_r_factors(left @ right, 4)
+    np.testing.assert_allclose(
+        thin_b.astype(np.float64) @ thin_a, dense_b.astype(np.float64) @ dense_a, atol=1e-4
+    )
+    u, sigma, vt = np.linalg.svd(left @ right)  # and it is the truncated SVD's
+    best = (u[:, :4] * sigma[:4]) @ vt[:4]
+    np.testing.assert_allclose(thin_b.astype(np.float64) @ thin_a, best, atol=1e-4)
