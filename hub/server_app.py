@@ -35,6 +35,7 @@ from zk0.hub.fleet import load_fleet
 from zk0.hub.fleet_stats import gather_stats
 from zk0.hub.gate import GateBook, wait_for_decision
 from zk0.hub.history import EvalHistory
+from zk0.hub.prompt_grid import PromptGrid
 from zk0.hub.server_optimizer import OptimizerState, load_state, run_key, save_state, state_path
 from zk0.hub.strategy import LoRAFedAvg, to_numpy, to_record
 from zk0.shared.adapter_bounds import (
@@ -226,6 +227,7 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    grid = PromptGrid(grid)  # replies noticed within 0.2 s, not Flower's 3 s polls
     settings = RunSettings.from_flower(dict(context.run_config), "run config")
     run_dir = Path(settings.run_dir) if settings.run_dir else new_run_dir()
     setup_logging(run_dir, "hub")

@@ -2,8 +2,8 @@
 
 Children get the venv's ``bin`` on PATH (Flower launches ``flwr-serverapp``,
 ``flwr-clientapp`` and ``flower-superexec`` by name), Flower's telemetry, update checks and
-runtime dependency installation switched off, and die with their parent (PR_SET_PDEATHSIG),
-so a killed daemon leaves no orphan holding ports.
+runtime dependency installation switched off, its SuperExec looking for work every 0.2 s, and
+die with their parent (PR_SET_PDEATHSIG), so a killed daemon leaves no orphan holding ports.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    # How often Flower's SuperExec looks for a message to start an app process for (default 1 s).
+    env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.2"
     env.update(extra or {})
     return env
 
