@@ -104,6 +104,9 @@ def flower_overhead(
         link.stop()
     adapters = AdapterStore(store)
     metrics = [adapters.manifest(v).metrics for v in adapters.versions()[1:]]
+    if len(metrics) != rounds:  # Flower's run can end 0 with its ServerApp failed
+        why = result.stdout[-1500:]
+        raise RuntimeError(f"deployment run stored {len(metrics)} of {rounds} rounds: {why}")
 
     def mean(key: str) -> float:
         return float(np.mean([float(m[key] or 0) for m in metrics]))

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from flwr.app import Message, RecordDict
-from flwr.common import Run
 from flwr.serverapp import Grid
+
+if TYPE_CHECKING:
+    from flwr.supercore.run import Run  # where Flower's own Grid takes it from
 
 #: Between two pulls of replies: a round's replies are noticed within this.
 POLL_S = 0.2
