@@ -16,6 +16,7 @@ never exceeds the largest magnitude among its terms, so it cannot overflow.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,7 +108,34 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
 def _npy_view(data: bytes) -> NDArray[np.float32] | None:
     """The float32 array in ``.npy`` bytes, as a view of them (no copy); None if it is not
     little-endian float32 in C order."""
-    stream = io.BytesIO(data)
+    header = _npy_header(data[: _header_end(data)])
+    if header is None:
+        return None
+    shape, offset = header
+    count = int(np.prod(shape))
+    if len(data) - offset != 4 * count:
+        return None
+    return np.frombuffer(data, np.float32, count, offset).reshape(shape)
+
+
+def _header_end(data: bytes) -> int:
+    """Where the data of ``.npy`` bytes start: after the magic, the version, the header's
+    length (2 bytes in version 1, 4 after) and the header."""
+    if len(data) < 12 or data[:6] != b"\x93NUMPY":
+        return 0
+    if data[6] == 1:
+        return 10 + int.from_bytes(data[8:10], "little")
+    return 12 + int.from_bytes(data[8:12], "little")
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_header(prefix: bytes) -> tuple[tuple[int, ...], int] | None:
+    """(shape, data offset) of a little-endian float32 C-order ``.npy`` header, else None.
+
+    Cached: a round's replies repeat the same few headers, and numpy parses each with
+    ``ast.literal_eval`` (most of the time of reading 1,000 replies tensor by tensor).
+    """
+    stream = io.BytesIO(prefix)
     readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
     try:
         read_header = readers.get(npy.read_magic(stream))  # type: ignore[no-untyped-call]
@@ -116,9 +144,6 @@ def _npy_view(data: bytes) -> NDArray[np.float32] | None:
         shape, fortran_order, dtype = read_header(stream)  # type: ignore[no-untyped-call]
     except ValueError:
         return None
-    if fortran_order or dtype != np.dtype("<f4"):
+    if fortran_order or dtype != np.dtype("<f4") or stream.tell() != len(prefix):
         return None
-    count = int(np.prod(shape))
-    if len(data) - stream.tell() != 4 * count:
-        return None
-    return np.frombuffer(data, np.float32, count, stream.tell()).reshape(shape)
+    return tuple(shape), len(prefix)
