@@ -49,7 +49,7 @@ class DemoOptions(BaseModel):
     policy: Annotated[str, Field(description="The base policy (a zk0 base or a Hub id).")] = (
         "tiny-sim-base"
     )
-    local_steps: int = 80
+    local_steps: int = 70
     batch_size: int = 16
     lr: float = 1e-3
     eval_episodes: Annotated[
@@ -63,7 +63,7 @@ class DemoOptions(BaseModel):
     ] = 10
     mid_eval_episodes: Annotated[
         int, Field(ge=0, le=1000, description="Closed-loop episodes per agent in between.")
-    ] = 2
+    ] = 1
     outputs: Annotated[Path, Field(description="Root of the run folders.")] = Path("outputs")
     chaos_kill_round: Annotated[
         int | None,
