@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from zk0.hub.update_rows import ReplyRows
 
 Arrays = dict[str, NDArray[np.float32]]
-
 Mode = Literal["fedavg", "svd", "ffa"]
 MODES: tuple[Mode, ...] = ("fedavg", "svd", "ffa")
 MAX_EXAMPLES_PER_CLIENT = 10_000_000

@@ -66,13 +66,15 @@ def worker(tmp_path: Path) -> Any:
     process.stop()
 
 
-def _ask(socket_path: Path, kind: Any, arm: tuple[NodeSettings, RecordDict]) -> Any:
+def _ask(
+    socket_path: Path, kind: Any, arm: tuple[NodeSettings, RecordDict], run: RunSettings = RUN
+) -> Any:
     node, content = arm
     message_type = {"query": MessageType.QUERY, "train": MessageType.TRAIN}
     message = Message(
         content, dst_node_id=0, message_type=message_type.get(kind, MessageType.EVALUATE)
     )
-    return ask(socket_path, kind, message, RUN.to_flower(), node.to_flower(), timeout_s=300)
+    return ask(socket_path, kind, message, run.to_flower(), node.to_flower(), timeout_s=600)
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -121,14 +123,12 @@ def test_a_worker_killed_mid_task_fails_the_task_not_the_round_timeout(
     worker: Any, arm: tuple[NodeSettings, RecordDict], tmp_path: Path
 ) -> None:
     socket_path, process = worker
-    node, content = arm
     long_run = RUN.model_copy(update={"local_steps": 100_000})
     failure: list[BaseException] = []
 
     def train() -> None:
-        message = Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
         try:
-            ask(socket_path, "train", message, long_run.to_flower(), node.to_flower(), 600)
+            _ask(socket_path, "train", arm, long_run)
         except BaseException as error:
             failure.append(error)
 
