@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,22 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def source_revision() -> str | None:
+    """The git commit of the checkout this bench runs from, ``-dirty`` if edited (None for an
+    installed package): results finished in parts say which code measured each part."""
+    try:
+        completed = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except OSError:
+        return None
+    return completed.stdout.strip() or None if completed.returncode == 0 else None
 
 
 def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[str, float]:

@@ -37,7 +37,7 @@ from loguru import logger
 
 from zk0.agent.inference.evaluation import base_task_stats
 from zk0.agent.training import TrainConfig, train_policy
-from zk0.bench._common import write_result
+from zk0.bench._common import source_revision, write_result
 from zk0.bench._learning_chart import chart
 from zk0.bench._learning_clients import (
     Client,
@@ -291,6 +291,13 @@ def main(
     methods: Annotated[str, typer.Option(help="Comma list of methods (default: all).")] = ",".join(
         (*BASELINES, *FEDERATED_METHODS)
     ),
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the methods a cut-short run already wrote to --json, if its setup (clients, "
+            "episodes, scenes, run config, the base's own success) is this run's."
+        ),
+    ] = False,
     default_mode: Annotated[str, typer.Option(help="The mode the summary compares.")] = "personal",
     threads: int = 1,
 ) -> None:
@@ -314,7 +321,19 @@ def main(
     clients = make_clients(chosen, train_episodes, probe.policy.config)
     bench = Bench(clients, settings, points, default_mode)
     base_task = _base_task_success(bench, base_episodes)
+    setup = {
+        "clients": {c.name: c.options for c in clients},
+        "expert": {c.name: [c.expert_successes, c.expert_episodes] for c in clients},
+        "train_episodes": [len(c.train_episodes) for c in clients],
+        "held_out_episodes": [len(c.held_out) for c in clients],
+        "evaluation_scenes": {"first": 1_000_000, **points},
+        "base_task": base_task.model_dump(),
+        "run_config": settings.to_flower(),
+    }
     results: dict[str, Any] = {}
+    if resume and json_path is not None and json_path.is_file():
+        results, bench.realtime = _measured_before(json_path, setup, wanted)
+    resumed = set(results)
 
     def report(complete: bool) -> dict[str, Any]:
         flat = {m: {"clients": {c: v["by_round"] for c, v in r["clients"].items()}}
@@ -325,24 +344,21 @@ def main(
         return {
             **summarize(flat, default_mode, base_task),
             "expert_success_rate": expert.rate,
-            "wall_s": time.perf_counter() - started,
+            "wall_s": time.perf_counter()
+            - started
+            + sum(r.get("wall_s", 0.0) for m, r in results.items() if m in resumed),
             "complete": complete,
             "methods": results,
             "realtime_async": bench.realtime,
-            "setup": {
-                "clients": {c.name: c.options for c in clients},
-                "expert": {c.name: [c.expert_successes, c.expert_episodes] for c in clients},
-                "train_episodes": [len(c.train_episodes) for c in clients],
-                "held_out_episodes": [len(c.held_out) for c in clients],
-                "evaluation_scenes": {"first": 1_000_000, **points},
-                "base_task": base_task.model_dump(),
-                "run_config": settings.to_flower(),
-            },
+            "setup": setup,
         }
 
     work = Path(tempfile.mkdtemp(prefix="zk0-bench-learning-"))
     try:
         for method in wanted:
+            if method in results:
+                logger.info("bench learning: {} measured by the run resumed", method)
+                continue
             logger.info("bench learning: {}", method)
             clock = time.perf_counter()
             if method in FEDERATED_METHODS:
@@ -352,6 +368,7 @@ def main(
             results[method] = {
                 "clients": {c: {"by_round": p} for c, p in by_client.items()},
                 "wall_s": time.perf_counter() - clock,
+                "revision": source_revision(),
             }
             if json_path is not None:  # a run of hours leaves what it measured if cut short
                 json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -372,6 +389,33 @@ def main(
         f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in keys.items()
     )
     write_result(json_path, result, f"learning: {line}")
+
+
+def _measured_before(
+    path: Path, setup: dict[str, Any], wanted: list[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The wanted methods (and their real-time success) an earlier run wrote to ``path``.
+
+    A run of hours can be finished in parts, but only on the same footing: the same clients,
+    recorded episodes, evaluation scenes and run config, and the base scoring exactly what it
+    scored then (closed loop in simulated time is deterministic given the seeds)."""
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(
+            f"{path}: not a learning result ({exc})", param_hint="--resume"
+        ) from None
+    setup = json.loads(json.dumps(setup))  # compared as it is stored
+    if before.get("setup") != setup:
+        changed = sorted(k for k in setup if before.get("setup", {}).get(k) != setup[k])
+        raise typer.BadParameter(
+            f"{path} was measured on another setup ({', '.join(changed)} differ); "
+            "run without --resume",
+            param_hint="--resume",
+        )
+    methods = {m: r for m, r in before.get("methods", {}).items() if m in wanted}
+    realtime = {m: r for m, r in before.get("realtime_async", {}).items() if m in methods}
+    return methods, realtime
 
 
 def _base_task_success(bench: Bench, episodes: int) -> SuccessRate:
