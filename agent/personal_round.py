@@ -21,6 +21,7 @@ from flwr.app import Message
 from loguru import logger
 
 from zk0.agent.personal import PersonalError, PersonalStore, shared_digest
+from zk0.shared.adapter_wire import unpack_torch
 from zk0.shared.federation import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -31,6 +32,7 @@ from zk0.shared.federation import (
 from zk0.shared.lora import (
     ADAPTER_NAME,
     LoraSpec,
+    adapter_state,
     add_personal_adapter,
     load_personal_state,
     personal_state,
@@ -152,7 +154,7 @@ def attach_to_round(
     """``attach`` with the shared adapter (and fleet version, if sent) of the hub's message."""
     if run.personal_rank == 0:
         return None
-    shared = message.content.array_records[ARRAYS_KEY].to_torch_state_dict()
+    shared = unpack_torch(message.content.array_records[ARRAYS_KEY], adapter_state(peft_model))
     version = message.content[CONFIG_KEY].get(FLEET_VERSION)
     fleet_version = version if isinstance(version, int) and version >= 0 else None
     return attach(peft_model, run, node, shared, fleet_version)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from loguru import logger
 
 from zk0.agent.inference.simulated import evaluate_policy, evaluation_scenes
@@ -39,6 +39,7 @@ from zk0.agent.training import (
     split_episodes,
     train_policy,
 )
+from zk0.shared.adapter_wire import pack, unpack_torch
 from zk0.shared.agent_control import ComputeBegin, ComputeEnd
 from zk0.shared.agent_status import Phase
 from zk0.shared.config import ConfigError, RobotConfig, load_robot_config
@@ -111,7 +112,7 @@ def _model(run: RunSettings, message: Message) -> tuple[Any, Any, Any]:
     """Base copy + the global adapter from ``message``; processors on the shared stats."""
     base = _base(run.policy, str(run.robot_config_path))
     peft_model = apply_lora(copy.deepcopy(base.policy), run.lora, base.base.name_or_path)
-    state = message.content.array_records[ARRAYS_KEY].to_torch_state_dict()
+    state = unpack_torch(message.content.array_records[ARRAYS_KEY], adapter_state(peft_model))
     load_adapter_state(
         peft_model, {name: tensor.to(base.policy.config.device) for name, tensor in state.items()}
     )
@@ -191,7 +192,7 @@ def _train(
             freeze_lora_a=run.aggregation == "ffa" and personal is None,  # else attach froze it
         ),
     )
-    arrays = ArrayRecord(adapter_state(peft_model))
+    arrays = pack(adapter_state(peft_model))
     metrics = MetricRecord(
         {
             EXAMPLES: len(dataset),

@@ -3,7 +3,8 @@
 Its own process, so that the BLAS threads are pinned before numpy loads (the parent sets
 ``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS``) and its peak memory is
 that count's alone. The replies are built as the hub receives them: Flower ``ArrayRecord``\\ s of
-full-size adapters (half of them sharing lora_A). Timed, as the strategy does it:
+full-size adapters, each one flat Array (``zk0.shared.adapter_wire``; half of them sharing
+lora_A). Timed, as the strategy does it:
 
 * ``read_s``: every reply read into its row of the round's matrix (``zk0.hub.update_rows``);
 * ``<mode>``: the plain aggregate of each mode over those rows;
@@ -26,8 +27,8 @@ import numpy as np
 
 from zk0.hub.aggregation import MODES, ClientUpdate, aggregate
 from zk0.hub.robust import robust_aggregate
-from zk0.hub.strategy import to_record
-from zk0.hub.update_rows import Layout, ReplyRows
+from zk0.hub.update_rows import ReplyRows
+from zk0.shared.adapter_wire import AdapterLayout, pack, unpack
 from zk0.shared.federation import RunSettings
 
 #: Order-statistic variants timed beside the default screening.
@@ -41,7 +42,7 @@ def replies(shapes: dict[str, tuple[int, ...]], count: int, seed: int) -> list[A
         n: rng.normal(0, 0.02, s).astype(np.float32) for n, s in shapes.items() if ".lora_A." in n
     }
     return [
-        to_record(
+        pack(
             {
                 n: shared_a[n]
                 if n in shared_a and i % 2 == 0
@@ -55,9 +56,8 @@ def replies(shapes: dict[str, tuple[int, ...]], count: int, seed: int) -> list[A
 
 def measure(shapes: dict[str, tuple[int, ...]], count: int, robust: bool) -> dict[str, Any]:
     records = replies(shapes, count, seed=count)
-    reference = {n: records[0][n].numpy() for n in shapes}
-    layout = Layout.of(reference)
-    assert layout is not None
+    layout = AdapterLayout.of({n: np.empty(s, np.float32) for n, s in shapes.items()})
+    reference = {n: v.copy() for n, v in unpack(records[0], layout).items()}
     start = time.perf_counter()
     rows = ReplyRows(layout, count)
     indices = [rows.add(record) for record in records]
@@ -67,7 +67,6 @@ def measure(shapes: dict[str, tuple[int, ...]], count: int, robust: bool) -> dic
     updates = [
         ClientUpdate(f"c{i}", rows.arrays(row), int(w), rows, row)
         for i, (row, w) in enumerate(zip(indices, weights, strict=True))
-        if row is not None
     ]
     times: dict[str, Any] = {"read_s": read_s}
     for mode in MODES:

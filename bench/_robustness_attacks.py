@@ -30,7 +30,7 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from numpy.typing import NDArray
 
 from zk0.hub.aggregation import MAX_EXAMPLES_PER_CLIENT, Arrays
-from zk0.hub.strategy import to_record
+from zk0.shared.adapter_wire import pack
 from zk0.shared.federation import AGENT_ID, ARRAYS_KEY, EXAMPLES, META_KEY, METRICS_KEY
 from zk0.shared.normalization import Stats
 
@@ -119,7 +119,7 @@ def train_reply(arrays: Arrays, examples: int, agent: str) -> Message:
     """A ClientApp's train reply as the strategy receives it (tests/conftest.py's helper)."""
     content = RecordDict(
         {
-            ARRAYS_KEY: to_record(arrays),
+            ARRAYS_KEY: pack(arrays),
             METRICS_KEY: MetricRecord({EXAMPLES: examples}),
             META_KEY: ConfigRecord({AGENT_ID: agent}),
         }

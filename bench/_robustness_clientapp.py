@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 
 from zk0.agent import client_app
 from zk0.hub.aggregation import MAX_EXAMPLES_PER_CLIENT
-from zk0.hub.strategy import to_numpy, to_record
+from zk0.shared.adapter_wire import from_values, values
 from zk0.shared.federation import ARRAYS_KEY, EXAMPLES, METRICS_KEY, STATS_KEY
 
 #: How many of the simulation's nodes (the highest partition ids) are hostile.
@@ -45,10 +45,9 @@ def train(message: Message, context: Context) -> Message:
     reply = client_app.train(message, context)
     if not _hostile(context):
         return reply
-    sent = to_numpy(message.content.array_records[ARRAYS_KEY])
-    trained = to_numpy(reply.content.array_records[ARRAYS_KEY])
-    undone = {name: (2 * sent[name] - value).astype(value.dtype) for name, value in trained.items()}
-    reply.content[ARRAYS_KEY] = to_record(undone)
+    sent = values(message.content.array_records[ARRAYS_KEY])
+    trained = values(reply.content.array_records[ARRAYS_KEY])
+    reply.content[ARRAYS_KEY] = from_values(2 * sent - trained)
     reply.content.metric_records[METRICS_KEY][EXAMPLES] = MAX_EXAMPLES_PER_CLIENT
     return reply
 

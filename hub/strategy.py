@@ -37,7 +37,8 @@ from zk0.hub.aggregation import Arrays, ClientUpdate, Mode, ffa_violation, valid
 from zk0.hub.robust import AggregationError, RobustSettings, robust_aggregate
 from zk0.hub.server_optimizer import OptimizerSettings, OptimizerState
 from zk0.hub.server_optimizer import step as server_step
-from zk0.hub.update_rows import Layout, ReplyRows
+from zk0.hub.update_rows import ReplyRows
+from zk0.shared.adapter_wire import AdapterLayout, WireError, pack
 from zk0.shared.federation import (
     AGENT_ID,
     ARRAYS_KEY,
@@ -57,6 +58,8 @@ from zk0.shared.success import SuccessRate
 
 
 def to_numpy(record: ArrayRecord) -> Arrays:
+    """The adapter Flower keeps between rounds (one Array per tensor, named) as numpy; in
+    messages it travels packed (``zk0.shared.adapter_wire``)."""
     return {name: array.numpy() for name, array in record.items()}
 
 
@@ -194,10 +197,11 @@ class LoRAFedAvg(FedAvg):
     ) -> Iterable[Message]:
         if self.start_from is not None and (instead := self.start_from(server_round)) is not None:
             arrays = to_record(instead)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        wire = pack(to_numpy(arrays))
+        messages = list(super().configure_train(server_round, wire, config, grid))
         self._reference[server_round] = to_numpy(arrays)
         self._train_started[server_round] = time.perf_counter()
-        self.report(server_round).bytes_sent += arrays.count_bytes() * len(messages)
+        self.report(server_round).bytes_sent += wire.count_bytes() * len(messages)
         return messages
 
     def configure_evaluate(
@@ -207,7 +211,7 @@ class LoRAFedAvg(FedAvg):
         self.report(server_round).success_asked = asked
         # A copy: Flower hands the same record to every round (and to training).
         round_config = ConfigRecord({**config, SUCCESS_EPISODES_ASKED: asked})
-        return super().configure_evaluate(server_round, arrays, round_config, grid)
+        return super().configure_evaluate(server_round, pack(to_numpy(arrays)), round_config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -219,8 +223,7 @@ class LoRAFedAvg(FedAvg):
         updates: list[ClientUpdate] = []
         held = self.held_frames() if self.held_frames is not None else {}
         replies = list(replies)
-        layout = Layout.of(reference)
-        rows = ReplyRows(layout, len(replies)) if layout is not None else None
+        rows = ReplyRows(AdapterLayout.of(reference), len(replies))
         for message in replies:
             agent = agent_of(message)
             reason, update = self._check_train_reply(message, agent, reference, rows)
@@ -300,7 +303,7 @@ class LoRAFedAvg(FedAvg):
         return to_record(merged), aggregate_metricrecords(counted, self.weighted_by_key)
 
     def _check_train_reply(
-        self, message: Message, agent: str, reference: Arrays, rows: ReplyRows | None
+        self, message: Message, agent: str, reference: Arrays, rows: ReplyRows
     ) -> tuple[str | None, ClientUpdate | None]:
         if message.has_error():
             return f"error reply: {message.error.reason}", None
@@ -310,12 +313,11 @@ class LoRAFedAvg(FedAvg):
         examples = content[METRICS_KEY].get(self.weighted_by_key)
         if not isinstance(examples, int):
             return f"'{self.weighted_by_key}' missing or not an integer", None
-        record = content.array_records[ARRAYS_KEY]
-        row = rows.add(record) if rows is not None else None
-        if rows is not None and row is not None:  # read once, into the round's matrix
-            update = ClientUpdate(agent, rows.arrays(row), examples, rows, row)
-        else:
-            update = ClientUpdate(agent, to_numpy(record), examples)
+        try:  # read once, into the round's matrix
+            row = rows.add(content.array_records[ARRAYS_KEY])
+        except WireError as error:
+            return error.reason, None
+        update = ClientUpdate(agent, rows.arrays(row), examples, rows, row)
         reason = validate_update(update, reference)
         if reason is None and self.aggregation == "ffa":
             reason = ffa_violation(update, reference)

@@ -39,16 +39,18 @@ class _Grid:
 GRID = cast(Any, _Grid())
 
 
-def train_reply(arrays: dict[str, Any], examples: int, agent: str) -> Any:
-    """A ClientApp's train reply as the strategy receives it: adapter, example count, agent id."""
+def train_reply(arrays: dict[str, Any], examples: int, agent: str, packed: bool = True) -> Any:
+    """A ClientApp's train reply as the strategy receives it: adapter, example count, agent id
+    (``packed=False``: the adapter one Array per tensor, as Flower's own strategies take it)."""
     from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
     from zk0.hub.strategy import to_record
+    from zk0.shared.adapter_wire import pack
     from zk0.shared.federation import AGENT_ID, ARRAYS_KEY, EXAMPLES, META_KEY, METRICS_KEY
 
     content = RecordDict(
         {
-            ARRAYS_KEY: to_record(arrays),
+            ARRAYS_KEY: pack(arrays) if packed else to_record(arrays),
             METRICS_KEY: MetricRecord({EXAMPLES: examples}),
             META_KEY: ConfigRecord({AGENT_ID: agent}),
         }

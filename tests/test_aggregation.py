@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -43,18 +45,18 @@ def test_fedavg_is_the_example_weighted_mean() -> None:
 def test_replies_read_into_rows_average_as_tensor_by_tensor_and_a_dropped_nan_row_is_not_read() -> (
     None
 ):
-    from zk0.hub.strategy import to_record
-    from zk0.hub.update_rows import Layout, ReplyRows
+    from flwr.app import Array, ArrayRecord
+
+    from zk0.hub.update_rows import ReplyRows
+    from zk0.shared.adapter_wire import ADAPTER_ARRAY, AdapterLayout, WireError, pack
 
     updates = [_update(seed, examples) for seed, examples in ((1, 10), (2, 30), (3, 60))]
-    layout = Layout.of(updates[0].arrays)
-    assert layout is not None
+    layout = AdapterLayout.of(updates[0].arrays)
     rows = ReplyRows(layout, 4)
     poisoned = {A: np.full_like(updates[0].arrays[A], np.nan), B: updates[0].arrays[B]}
     read = []
     for update in [*updates[:2], ClientUpdate("nan", poisoned, 5), *updates[2:]]:
-        row = rows.add(to_record(update.arrays))
-        assert row is not None
+        row = rows.add(pack(update.arrays))
         read.append(ClientUpdate(update.client, rows.arrays(row), update.num_examples, rows, row))
     kept = [u for u in read if u.client != "nan"]  # validation drops the NaN reply
     merged = aggregate("fedavg", kept, kept[0].arrays)
@@ -62,10 +64,18 @@ def test_replies_read_into_rows_average_as_tensor_by_tensor_and_a_dropped_nan_ro
     for name in (A, B):
         np.testing.assert_allclose(merged[name], expected[name], rtol=1e-6, atol=1e-7)
         assert merged[name].dtype == np.float32 and np.isfinite(merged[name]).all()
-    # A reply whose tensors do not fit the layout is not read into a row.
-    other = {A: updates[0].arrays[A].astype(np.float64), B: updates[0].arrays[B]}
-    assert ReplyRows(layout, 1).add(to_record(other)) is None
-    assert ReplyRows(layout, 1).add(to_record({B: updates[0].arrays[B]})) is None
+    # A reply that is not an adapter of this layout is refused with its reason, and not read.
+    float64 = ArrayRecord({ADAPTER_ARRAY: Array(np.zeros(layout.size, np.float64))})
+    named = ArrayRecord({A: Array(updates[0].arrays[A])})
+    for record, reason in [
+        (pack({B: updates[0].arrays[B]}), "values, the layout"),
+        (float64, "not a float32 vector"),
+        (named, "not ['adapter']"),
+    ]:
+        fresh = ReplyRows(layout, 1)
+        with pytest.raises(WireError, match=re.escape(reason)):
+            fresh.add(record)
+        assert fresh.count == 0
 
 
 def test_fedavg_of_factors_is_not_the_mean_update_but_svd_is_its_best_rank_r_fit() -> None:

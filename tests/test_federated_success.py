@@ -18,6 +18,7 @@ from loguru import logger
 from conftest import GRID
 from zk0.hub.history import EvalHistory
 from zk0.hub.strategy import LoRAFedAvg
+from zk0.shared.adapter_wire import pack
 from zk0.shared.config import ConfigError
 from zk0.shared.federation import (
     AGENT_ID,
@@ -210,7 +211,7 @@ def agent_round() -> tuple[RunSettings, Path, Message]:
         for name in ("_task_id", "_run_id", "_node_id"):
             patch.setattr(TaskIdentity, name, 1)
         config = ConfigRecord({NORMALIZATION: dumps(stats), SUCCESS_EPISODES_ASKED: 2})
-        arrays = ArrayRecord(adapter_state(peft_model))
+        arrays = pack(adapter_state(peft_model))
         content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
         message = Message(content, dst_node_id=0, message_type=MessageType.EVALUATE)
     return run, data_root, message

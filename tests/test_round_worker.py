@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 import zmq
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from conftest import wait_until
 from zk0.agent.round_worker import RoundWorkerError, ask, worker_process
+from zk0.shared.adapter_wire import pack
 from zk0.shared.federation import (
     AGENT_ID,
     ARRAYS_KEY,
@@ -52,7 +53,7 @@ def arm() -> tuple[NodeSettings, RecordDict]:
     fresh = apply_lora(copy.deepcopy(base.policy), RUN.lora, base.base.name_or_path)
     stats = dumps(dataset_stats(open_dataset(data_root, base.policy.config)))
     config = ConfigRecord({NORMALIZATION: stats, "server-round": 1})
-    content = RecordDict({ARRAYS_KEY: ArrayRecord(adapter_state(fresh)), CONFIG_KEY: config})
+    content = RecordDict({ARRAYS_KEY: pack(adapter_state(fresh)), CONFIG_KEY: config})
     return NodeSettings(agent_id="sim-00", data_root=data_root), content
 
 

@@ -102,10 +102,12 @@ def _client_rounds(count: int) -> list[list[tuple[Arrays, int]]]:
 def _strategy_rounds(
     strategy: Any, x: Arrays, rounds: list[list[tuple[Arrays, int]]]
 ) -> Iterator[Arrays]:
-    """Drive ``strategy`` (zk0's or Flower's) round by round, yielding each new global."""
+    """Drive ``strategy`` (zk0's or Flower's, each with replies in its own form) round by round,
+    yielding each new global."""
+    packed = isinstance(strategy, LoRAFedAvg)
     for server_round, replies in enumerate(rounds, start=1):
         list(strategy.configure_train(server_round, to_record(x), ConfigRecord(), GRID))
-        messages = [train_reply(a, n, f"a{i}") for i, (a, n) in enumerate(replies)]
+        messages = [train_reply(a, n, f"a{i}", packed) for i, (a, n) in enumerate(replies)]
         record, _ = strategy.aggregate_train(server_round, messages)
         x = to_numpy(record)
         yield x

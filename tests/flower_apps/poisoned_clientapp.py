@@ -11,7 +11,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from zk0.agent import client_app
-from zk0.hub.strategy import to_numpy, to_record
+from zk0.shared.adapter_wire import from_values, values
 from zk0.shared.federation import ARRAYS_KEY
 
 HOSTILE_PARTITION = 3
@@ -30,10 +30,9 @@ def train(message: Message, context: Context) -> Message:
     reply = client_app.train(message, context)
     if int(context.node_config.get("partition-id", -1)) != HOSTILE_PARTITION:  # type: ignore[arg-type]
         return reply
-    sent = to_numpy(message.content.array_records[ARRAYS_KEY])
-    trained = to_numpy(reply.content.array_records[ARRAYS_KEY])
-    poisoned = {name: sent[name] + SCALE * (value - sent[name]) for name, value in trained.items()}
-    reply.content[ARRAYS_KEY] = to_record(poisoned)
+    sent = values(message.content.array_records[ARRAYS_KEY])
+    trained = values(reply.content.array_records[ARRAYS_KEY])
+    reply.content[ARRAYS_KEY] = from_values(sent + SCALE * (trained - sent))
     return reply
 
 
