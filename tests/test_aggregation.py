@@ -171,3 +171,31 @@ def test_svd_of_few_clients_through_the_thin_core_is_the_same_best_rank_r_fit() 
     u, sigma, vt = np.linalg.svd(left @ right)  # and it is the truncated SVD's
     best = (u[:, :4] * sigma[:4]) @ vt[:4]
     np.testing.assert_allclose(thin_b.astype(np.float64) @ thin_a, best, atol=1e-4)
+
+
+@pytest.mark.parametrize("magnitude", [0.02, 1e30])
+def test_svd_of_many_clients_is_the_best_rank_r_fit_at_any_magnitude(magnitude: float) -> None:
+    """More clients than the projection's smaller side (the dense path, float32 eigh refined in
+    float64): the truncated SVD's error, to float32 precision, and no overflow at 1e30."""
+    from zk0.hub.aggregation import svd_of_weighted_products
+
+    rng = np.random.default_rng(11)
+    arrays = [
+        {
+            A: rng.normal(0, magnitude, (4, 30)).astype(np.float32),
+            B: rng.normal(0, magnitude, (40, 4)).astype(np.float32),
+        }
+        for _ in range(20)  # 80 > 30
+    ]
+    weights = rng.random(20)
+    weights /= weights.sum()
+    true_mean = sum(
+        w * x[B].astype(np.float64) @ x[A].astype(np.float64)
+        for w, x in zip(weights, arrays, strict=True)
+    )
+    merged = svd_of_weighted_products(arrays, weights)
+    assert all(np.isfinite(merged[name]).all() for name in (A, B))
+    sigma = np.linalg.svd(true_mean, compute_uv=False)
+    best = np.sqrt((sigma[4:] ** 2).sum())
+    error = np.linalg.norm(true_mean - merged[B].astype(np.float64) @ merged[A])
+    assert error == pytest.approx(best, rel=1e-5)
