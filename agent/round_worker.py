@@ -190,18 +190,20 @@ def _run(frames: list[bytes], handle: Any) -> list[bytes]:
     return [answer, recorddict_to_proto(content).SerializeToString()]
 
 
-def worker_process(socket_path: Path, log_path: Path, name: str) -> ManagedProcess:
-    """The worker as a child of the daemon (it dies with it); ready once its socket exists."""
+def worker_process(socket_path: Path, log_path: Path, name: str, nice: int = 0) -> ManagedProcess:
+    """The worker as a child of the daemon (it dies with it), at CPU niceness ``nice``; ready
+    once its socket exists."""
     argv = [sys.executable, "-m", "zk0.agent.round_worker", "--socket", str(socket_path)]
+    argv += ["--nice", str(nice)]
     return ManagedProcess(f"round-worker[{name}]", argv, dict(os.environ), log_path)
 
 
-def supervised_worker(socket_path: Path, log_dir: Path, name: str) -> Supervised:
+def supervised_worker(socket_path: Path, log_dir: Path, name: str, nice: int) -> Supervised:
     """The agent daemon's worker, started now and restarted with back-off when it exits."""
 
     def make() -> ManagedProcess:
         socket_path.unlink(missing_ok=True)  # ready means: this start's worker bound it
-        return worker_process(socket_path, log_dir / "round-worker.log", name)
+        return worker_process(socket_path, log_dir / "round-worker.log", name, nice)
 
     supervised = Supervised(make, ready=socket_path.exists)
     supervised.start()
@@ -211,10 +213,12 @@ def supervised_worker(socket_path: Path, log_dir: Path, name: str) -> Supervised
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m zk0.agent.round_worker")
     parser.add_argument("--socket", type=Path, required=True, help="ipc socket file to serve on")
-    socket_path = parser.parse_args(argv).socket
+    parser.add_argument("--nice", type=int, default=0, help="CPU niceness to add (0-19)")
+    args = parser.parse_args(argv)
+    os.nice(min(max(args.nice, 0), 19))  # before torch: its threads inherit it
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    serve(socket_path, stop)
+    serve(args.socket, stop)
 
 
 if __name__ == "__main__":

@@ -223,7 +223,9 @@ class AgentService:
         from zk0.agent.round_worker import supervised_worker
 
         socket_path = self.config.control_socket_path.with_suffix(".worker.sock").absolute()
-        self.round_worker = supervised_worker(socket_path, self.log_dir, self.config.agent_id)
+        self.round_worker = supervised_worker(
+            socket_path, self.log_dir, self.config.agent_id, self.config.round_worker_nice
+        )
         stack.callback(self.round_worker.stop)
         return socket_path
 

@@ -5,10 +5,12 @@
 (c) eval MSE by round per aggregation mode on 4 non-IID simulated clients, same seeds;
 (d) the same clients and optimizer steps trained centrally (upper bound) and alone (lower bound);
 (e) where a real deployment round's time goes, cold ClientApps against warm round workers
-    (``zk0.bench._deployment_round``).
+    (``zk0.bench._deployment_round``);
+(f) an arm's starved and missed control ticks while a round worker trains beside it
+    (``zk0.bench._control_ticks``).
 
-``--parts aggregation`` is (a)-(b), ``learning`` (c)-(d), ``deployment`` (e); the last two run
-on the recorded simulated episodes and take minutes.
+``--parts aggregation`` is (a)-(b), ``learning`` (c)-(d), ``deployment`` (e), ``control`` (f);
+the last three run on recorded simulated episodes and take minutes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from zk0.agent.training import (
     train_policy,
 )
 from zk0.bench._common import write_result
+from zk0.bench._control_ticks import control_ticks
 from zk0.bench._deployment_round import flower_overhead
 from zk0.hub.aggregation import MODES
 from zk0.hub.flower_app import CLIENT_APP
@@ -198,7 +201,7 @@ def _episodes(root: Path) -> int:
     return int(json.loads((root / "meta" / "info.json").read_text())["total_episodes"])
 
 
-PARTS = ("aggregation", "learning", "deployment")
+PARTS = ("aggregation", "learning", "deployment", "control")
 
 
 @app.command()
@@ -212,7 +215,8 @@ def main(
         typer.Option(
             help="Comma list of aggregation (payload and aggregation time), learning (eval MSE "
             "by mode and its bounds), deployment (a round's overhead, cold ClientApps against "
-            "warm round workers). With fewer than all, the other parts of an existing --json "
+            "warm round workers), control (an arm's missed ticks while a round trains beside "
+            "it). With fewer than all, the other parts of an existing --json "
             "file are kept (each part names when it was measured)."
         ),
     ] = ",".join(PARTS),
@@ -220,6 +224,9 @@ def main(
     episodes: Annotated[int, typer.Option(min=2)] = 10,
     robot_config: RobotOption = DEFAULT_ROBOT_CONFIG,
     threads: int = 1,
+    control_episodes: Annotated[
+        int, typer.Option(min=1, help="Real-time episodes per condition of the control part.")
+    ] = 5,
 ) -> None:
     """Payload ratio and aggregation time at full size, learning by mode, a round's overhead."""
     import tempfile
@@ -254,7 +261,9 @@ def main(
             f"(x{state_bytes / adapter_bytes:.0f} smaller); aggregation of 100 full-size adapters "
             + ", ".join(f"{mode} {times[mode].get('100', float('nan')):.2f}s" for mode in MODES)
         )
-    datasets = client_datasets(AGENTS, episodes, 6.0) if set(chosen) - {"aggregation"} else {}
+    datasets = (
+        client_datasets(AGENTS, episodes, 6.0) if set(chosen) & {"learning", "deployment"} else {}
+    )
     if "learning" in chosen:
         with tempfile.TemporaryDirectory(prefix="zk0-bench-fed-") as tmp:
             work = Path(tmp)
@@ -313,6 +322,16 @@ def main(
             f" s ({warm_round['flower_overhead_fraction']:.0%}) with warm round workers, "
             f"{rounds_of['cold']['flower_overhead_s_per_round']:.1f} s "
             f"({rounds_of['cold']['flower_overhead_fraction']:.0%}) cold"
+        )
+    if "control" in chosen:
+        ticks = control_ticks(control_episodes)
+        result["control_ticks"] = ticks
+        summary.append(
+            "starved ticks of an arm "
+            + ", ".join(
+                f"{name} {ticks[name]['starved_fraction']:.1%}"
+                for name in ("alone", "training_same_priority", "training_niced")
+            )
         )
     for part in chosen:
         measured[part] = {"date": time.strftime("%Y-%m-%d"), "threads": threads}

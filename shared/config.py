@@ -175,6 +175,10 @@ class AgentConfig(AgentCompute):
     #: Canary rollout: closed-loop episodes per version when this (simulated) arm evaluates a
     #: version under gate; at least the hub's ``canary.min_episodes``.
     canary_episodes: Annotated[int, Field(ge=0, le=1000)] = 10
+    #: CPU niceness of the round worker (``nice``, 0-19): where training and the control loop
+    #: or a running policy want the same cores, the scheduler serves the arm first (0: equal
+    #: priority). ``zk0 bench federated --parts control`` counts an arm's ticks beside training.
+    round_worker_nice: Annotated[int, Field(ge=0, le=19)] = 10
 
     def load_robot_config(self) -> RobotConfig:
         return load_robot_config(self.robot_config)
