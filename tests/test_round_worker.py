@@ -60,7 +60,7 @@ def arm() -> tuple[NodeSettings, RecordDict]:
 @pytest.fixture
 def worker(tmp_path: Path) -> Any:
     socket_path = tmp_path / "agent.worker.sock"
-    process = worker_process(socket_path, tmp_path / "round-worker.log", "sim-00")
+    process = worker_process(socket_path, tmp_path / "round-worker.log", "sim-00", nice=3)
     process.start()
     wait_until(socket_path.exists, timeout_s=60, what="the worker's socket")
     yield socket_path, process
@@ -93,6 +93,10 @@ def test_every_task_of_a_round_runs_in_one_warm_process(
     # Three tasks, one process, the base built once.
     log = (tmp_path / "round-worker.log").read_text()
     assert log.count(BUILT) == 1 and process.running
+    # At the niceness it was started with (the daemon passes agent.yaml's round_worker_nice).
+    assert os.getpriority(os.PRIO_PROCESS, process.process.pid) == os.getpriority(
+        os.PRIO_PROCESS, 0
+    ) + min(3, 19 - os.getpriority(os.PRIO_PROCESS, 0))
 
 
 @pytest.mark.usefixtures("task_identity")
