@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file
 
 from zk0.shared.adapter_bounds import PEFT_PREFIX, AdapterBounds
-from zk0.shared.artifact import TENSORS_FILE
+from zk0.shared.artifact import load_arrays
 from zk0.shared.store import AdapterStore
 
 
@@ -31,13 +30,13 @@ class StoredVersionCheck:
         self.base, self.bounds = base, bounds
 
     def norms(self, store: AdapterStore, version: int) -> dict[str, float]:
-        return _module_norms(load_file(store.path(version) / TENSORS_FILE), store, version)
+        return _module_norms(load_arrays(store.path(version)), store, version)
 
     def recheck(
         self, store: AdapterStore, version: int, earlier: list[dict[str, float]]
     ) -> str | None:
         """Why the stored ``version`` is bad (non-finite, out of bounds), or None."""
-        tensors = load_file(store.path(version) / TENSORS_FILE)
+        tensors = load_arrays(store.path(version))
         for name, value in tensors.items():
             if not np.isfinite(value).all():
                 return f"{name}: non-finite values"

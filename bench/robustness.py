@@ -42,7 +42,6 @@ import typer
 from flwr.app import ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
 from loguru import logger
-from safetensors.numpy import load_file
 
 from zk0.bench._common import write_result
 from zk0.bench._learning_clients import Client
@@ -54,7 +53,7 @@ from zk0.bench._robustness_summary import BARS, CLIENTS, relative, summarize
 from zk0.hub.aggregation import Arrays
 from zk0.hub.server_app import Publisher
 from zk0.hub.strategy import LoRAFedAvg, to_record
-from zk0.shared.artifact import TENSORS_FILE
+from zk0.shared.artifact import load_arrays
 from zk0.shared.features import PolicyFeatures
 from zk0.shared.federation import (
     FLEET_VERSION,
@@ -197,7 +196,7 @@ class Bench:
                     "stored_version": stored,
                 }
             )
-        final = load_file(store.path(version) / TENSORS_FILE)
+        final = load_arrays(store.path(version))
         final_stats = loads((store.path(version) / NORMALIZATION_FILE).read_bytes())
         per_client = {
             c.name: self.fleet.mse(final, final_stats, c, self.mse_frames) for c in honest
@@ -219,7 +218,7 @@ class Bench:
 
 
 def _v0(store: AdapterStore) -> Arrays:
-    tensors: Arrays = load_file(store.path(store.versions()[0]) / TENSORS_FILE)
+    tensors: Arrays = load_arrays(store.path(store.versions()[0]))
     return tensors
 
 

@@ -18,6 +18,7 @@ from zk0.shared.artifact import (
     TENSORS_FILE,
     ArtifactError,
     Manifest,
+    load_tensors,
     reversion_artifact,
     verify_artifact,
 )
@@ -98,8 +99,6 @@ def export_merged(store: AdapterStore, version: int, out_dir: Path) -> Manifest:
     """Write ``version`` merged into its base as a plain LeRobot SmolVLA checkpoint at ``out_dir``
     (``config.json``, ``model.safetensors`` and the pre/post processors with the artifact's
     normalization), loadable by ``SmolVLAPolicy.from_pretrained(out_dir)``."""
-    from safetensors.torch import load_file
-
     from zk0.shared.lora import merged_copy
     from zk0.shared.normalization import NORMALIZATION_FILE, loads, to_lerobot
     from zk0.shared.policy_factory import build_policy, make_processors
@@ -118,7 +117,7 @@ def export_merged(store: AdapterStore, version: int, out_dir: Path) -> Manifest:
         )
     verify_artifact(folder, manifest.artifact_id, loaded.base)
     try:  # refuses missing, unexpected or wrongly shaped tensors
-        merged = merged_copy(loaded.policy, manifest.lora, load_file(folder / TENSORS_FILE))
+        merged = merged_copy(loaded.policy, manifest.lora, load_tensors(folder))
     except (ValueError, RuntimeError) as error:
         raise ArtifactError(f"version {version} does not fit its base: {error}") from None
     stats = None

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from zk0.hub.demo_fleet import Demo
 from zk0.hub.gate import GateBook
 from zk0.shared import agent_control as ac
-from zk0.shared.artifact import TENSORS_FILE, save_adapter_arrays
+from zk0.shared.artifact import load_arrays, save_adapter_arrays
 from zk0.shared.gate_record import GateRecord
 from zk0.shared.normalization import NORMALIZATION_FILE
 from zk0.shared.store import AdapterStore
@@ -37,12 +37,9 @@ class InjectedVersion(BaseModel):
 
 def store_negated(store: AdapterStore, version: int) -> int:
     """A new version: ``version``'s adapter with every LoRA B factor times -1."""
-    from safetensors.numpy import load_file
-
     source = store.path(version)
     tensors = {
-        name: -value if ".lora_B." in name else value
-        for name, value in load_file(source / TENSORS_FILE).items()
+        name: -value if ".lora_B." in name else value for name, value in load_arrays(source).items()
     }
     with store.allocate() as (bad, path):
         save_adapter_arrays(

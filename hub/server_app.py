@@ -35,6 +35,7 @@ from zk0.hub.fleet import load_fleet
 from zk0.hub.fleet_stats import gather_stats
 from zk0.hub.gate import GateBook, wait_for_decision
 from zk0.hub.history import EvalHistory
+from zk0.hub.masters import MasterAdapters
 from zk0.hub.prompt_grid import PromptGrid
 from zk0.hub.server_optimizer import OptimizerState, load_state, run_key, save_state, state_path
 from zk0.hub.strategy import LoRAFedAvg, to_numpy, to_record
@@ -45,7 +46,13 @@ from zk0.shared.adapter_bounds import (
     base_weight_norms,
     check_adapter,
 )
-from zk0.shared.artifact import TENSORS_FILE, ArtifactError, save_adapter, save_adapter_arrays
+from zk0.shared.artifact import (
+    ArtifactError,
+    as_stored,
+    load_arrays,
+    save_adapter,
+    save_adapter_arrays,
+)
 from zk0.shared.config import load_robot_config
 from zk0.shared.features import PolicyFeatures
 from zk0.shared.federation import (
@@ -91,6 +98,7 @@ class Publisher:
         self._norms = NormHistory()  # per stored artifact, so each publish reads only its own
         #: Canary rollout (``gate-timeout-s`` > 0): versions wait under gate (zk0.hub.gate).
         self.gates = GateBook(store.root) if settings.gate_timeout_s > 0 else None
+        self.masters = MasterAdapters(store.root)
 
     def fresh_adapter(self, stats: Stats) -> tuple[int, Arrays]:
         """Version 0: a freshly initialised adapter carrying the shared normalization. The
@@ -107,8 +115,10 @@ class Publisher:
                 round_=0,
                 extra_files={NORMALIZATION_FILE: dumps(stats)},
             )
+        master = {k: v.numpy() for k, v in adapter_state(peft_model).items()}
+        self.masters.save(version, master)
         self._announce(version, 0)  # B = 0: the base itself, nothing for a gate to judge
-        return version, {k: v.numpy() for k, v in adapter_state(peft_model).items()}
+        return version, master
 
     def publish(
         self,
@@ -118,9 +128,11 @@ class Publisher:
         round_: int | None,
         metrics: dict[str, Any],
     ) -> int:
-        """A new version: ``parent``'s adapter with the aggregated ``arrays``; ``parent`` again
-        (nothing stored) when ``arrays`` break the bounds."""
-        verdict = self._verdict(arrays)
+        """A new version: ``parent``'s adapter with the aggregated ``arrays`` (stored rounded,
+        the float32 master beside it); ``parent`` again (nothing stored) when the version would
+        break the bounds."""
+        stored = as_stored(arrays)  # what agents will run: every check is on these
+        verdict = self._verdict(stored)
         if verdict.reason is not None:
             logger.error(
                 "round {}: the aggregated adapter is not stored ({}); version {} stays current",
@@ -133,13 +145,14 @@ class Publisher:
             manifest = save_adapter_arrays(
                 self.store.path(parent),
                 path,
-                arrays,
+                stored,
                 version=version,
                 parent_version=parent,
                 round_=round_,
                 metrics=metrics,
                 extra_files={NORMALIZATION_FILE: dumps(stats)},
             )
+        self.masters.save(version, arrays)
         self._norms.remember(manifest.artifact_id, verdict.norms)
         current = self.store.current()
         if self.gates is not None and current is not None:
@@ -150,7 +163,7 @@ class Publisher:
 
     def out_of_bounds(self, arrays: Arrays) -> str | None:
         """Why ``arrays`` may not become a version (one line), or None."""
-        return self._verdict(arrays).reason
+        return self._verdict(as_stored(arrays)).reason
 
     def _verdict(self, arrays: Arrays) -> BoundsVerdict:
         if not self._base_norms_read:
@@ -191,10 +204,8 @@ class Publisher:
         return current.version if current is not None else record.baseline
 
     def arrays(self, version: int) -> Arrays:
-        from safetensors.numpy import load_file
-
-        arrays: Arrays = load_file(self.store.path(version) / TENSORS_FILE)
-        return arrays
+        """What training continues from after ``version``: its float32 master (``masters``)."""
+        return self.masters.starting_point(version, load_arrays(self.store.path(version)))
 
     def starting_point(self) -> tuple[int, int, Arrays, Stats] | None:
         """(version, round, arrays, stats) of the store's current version, if any."""

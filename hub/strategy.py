@@ -39,6 +39,7 @@ from zk0.hub.server_optimizer import OptimizerSettings, OptimizerState
 from zk0.hub.server_optimizer import step as server_step
 from zk0.hub.update_rows import ReplyRows
 from zk0.shared.adapter_wire import AdapterLayout, WireError, pack
+from zk0.shared.artifact import as_stored
 from zk0.shared.federation import (
     AGENT_ID,
     ARRAYS_KEY,
@@ -211,7 +212,9 @@ class LoRAFedAvg(FedAvg):
         self.report(server_round).success_asked = asked
         # A copy: Flower hands the same record to every round (and to training).
         round_config = ConfigRecord({**config, SUCCESS_EPISODES_ASKED: asked})
-        return super().configure_evaluate(server_round, pack(to_numpy(arrays)), round_config, grid)
+        # What the arms run: the version as stored (bfloat16), not the hub's float32 master.
+        stored = pack(as_stored(to_numpy(arrays)))
+        return super().configure_evaluate(server_round, stored, round_config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

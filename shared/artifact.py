@@ -3,7 +3,7 @@
 A folder that PEFT and LeRobot load as it is, plus a manifest that covers every byte::
 
     adapter_config.json         PEFT's config (base_model_name_or_path names the base)
-    adapter_model.safetensors   lora_A / lora_B tensors
+    adapter_model.safetensors   lora_A / lora_B tensors, bfloat16 (``STORED_DTYPE``)
     config.json                 the base policy's LeRobot config
     manifest.json               canonical JSON: versions, base, LoRA config, hashes, tensors
     manifest.json.sha256        the artifact id (sha256 of manifest.json), to catch edits
@@ -19,19 +19,33 @@ import contextlib
 import hashlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zk0.shared.fsutil import publish_dir, sha256_file, staging_dir_for
 from zk0.shared.lora import LoraSpec, adapter_state, load_adapter_state
 from zk0.shared.policy_factory import BaseRef
-from zk0.shared.safetensors_file import SafetensorsError, TensorEntry, safetensors_header
+from zk0.shared.safetensors_file import (
+    SafetensorsError,
+    TensorEntry,
+    read_float_tensors,
+    safetensors_header,
+)
 
 FORMAT = "zk0-adapter/1"
+#: How a version stores (and so sends) its tensors: bfloat16 halves a full-size version, 5.2 MB
+#: to 2.6 MB, and every check runs on the tensors as stored. Loading widens them to float32
+#: (exact); the hub keeps its float32 master of each version beside the store
+#: (``zk0.hub.server_app``), which the next round trains from. Artifacts stored in float32 by
+#: earlier hubs still load.
+STORED_DTYPE = "BF16"
+LOADABLE_DTYPES = ("F32", STORED_DTYPE)
 MANIFEST = "manifest.json"
 ID_FILE = "manifest.json.sha256"
 TENSORS_FILE = "adapter_model.safetensors"
@@ -124,6 +138,7 @@ def save_adapter(
         peft_model.peft_config["default"].base_model_name_or_path = base.name_or_path
         # The shared adapter only: an arm's local part (personalized mode) never leaves it.
         peft_model.save_pretrained(staging, selected_adapters=["default"])
+        write_tensors(staging / TENSORS_FILE, load_tensors(staging))  # PEFT writes float32
         peft_model.base_model.model.config._save_pretrained(staging)
         (staging / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
         for name, data in (extra_files or {}).items():
@@ -149,19 +164,16 @@ def save_adapter_arrays(
     The hub writes each aggregated version this way: no policy is built (1.8 GB at full size),
     and the tensors must match the template's names, shapes and dtypes exactly.
     """
-    from safetensors.numpy import save_file
-
     template, out_dir = Path(template), Path(out_dir)
     original = verify_artifact(template)
     with _staged(out_dir) as staging:
         for name in original.files:
             if name != TENSORS_FILE and name not in (extra_files or {}):
                 shutil.copyfile(template / name, staging / name)
-        save_file(dict(sorted(tensors.items())), str(staging / TENSORS_FILE), {"format": "pt"})
+        write_tensors(staging / TENSORS_FILE, tensors)
         written = safetensors_header(staging / TENSORS_FILE)
-        if written != original.tensors:
-            wrong = sorted(set(written.items()) ^ set(original.tensors.items()))[:2]
-            raise ArtifactError(f"tensors do not match the adapter of {template}: {wrong}")
+        if (why := misfit(written, original.tensors)) is not None:
+            raise ArtifactError(f"tensors do not match the adapter of {template}: {why}")
         for name, data in (extra_files or {}).items():
             (staging / name).write_bytes(data)
         return _seal(
@@ -295,12 +307,64 @@ def verify_artifact(
         raise ArtifactContentError(
             f"{folder}: built on base {manifest.base.id}, not on {base.spec} ({base.base_id})"
         )
-    if expected_tensors is not None and manifest.tensors != expected_tensors:
-        names = sorted(set(manifest.tensors) ^ set(expected_tensors))
-        raise ArtifactContentError(
-            f"{folder}: adapter tensors do not fit this model (e.g. {names[:2]})"
-        )
+    if expected_tensors is not None and (why := misfit(manifest.tensors, expected_tensors)):
+        raise ArtifactContentError(f"{folder}: adapter tensors do not fit this model ({why})")
     return manifest
+
+
+def misfit(tensors: dict[str, TensorEntry], expected: dict[str, TensorEntry]) -> str | None:
+    """How an artifact's tensors differ from ``expected`` in names or shapes, or hold a dtype
+    no version is stored in (None: they fit; float32 and bfloat16 both load)."""
+    if set(tensors) != set(expected):
+        return f"names differ, e.g. {sorted(set(tensors) ^ set(expected))[:2]}"
+    for name, entry in sorted(tensors.items()):
+        if entry.shape != expected[name].shape:
+            return f"{name} is {entry.shape}, not {expected[name].shape}"
+        if entry.dtype not in LOADABLE_DTYPES:
+            return f"{name} is {entry.dtype}, not one of {', '.join(LOADABLE_DTYPES)}"
+    return None
+
+
+def write_tensors(path: Path, tensors: Mapping[str, Any]) -> None:
+    """``tensors`` (numpy arrays or torch tensors) as a safetensors file in ``STORED_DTYPE``."""
+    import torch
+    from safetensors.torch import save_file
+
+    def stored(value: Any) -> Any:
+        value = value if torch.is_tensor(value) else torch.from_numpy(np.array(value, np.float32))
+        return value.detach().to(torch.bfloat16).contiguous()
+
+    ordered = {name: stored(tensors[name]) for name in sorted(tensors)}
+    save_file(ordered, str(path), {"format": "pt"})
+
+
+def as_stored(arrays: Mapping[str, Any]) -> dict[str, NDArray[np.float32]]:
+    """``arrays`` rounded to ``STORED_DTYPE`` and widened back: the values a version holds."""
+    import torch
+
+    return {
+        name: torch.from_numpy(np.array(value, np.float32))
+        .to(torch.bfloat16)
+        .to(torch.float32)
+        .numpy()
+        for name, value in arrays.items()
+    }
+
+
+def load_tensors(folder: Path) -> dict[str, Any]:
+    """An artifact's tensors as float32 torch tensors (bfloat16 widens exactly)."""
+    import torch
+    from safetensors.torch import load_file
+
+    return {
+        name: value.to(torch.float32)
+        for name, value in load_file(Path(folder) / TENSORS_FILE).items()
+    }
+
+
+def load_arrays(folder: Path) -> dict[str, NDArray[np.float32]]:
+    """An artifact's tensors as float32 numpy arrays (no torch; bfloat16 widens exactly)."""
+    return read_float_tensors(Path(folder) / TENSORS_FILE)
 
 
 def expected_tensors(peft_model: Any) -> dict[str, TensorEntry]:
@@ -319,8 +383,6 @@ def load_adapter(
     peft_model: Any, folder: Path, expected_id: str | None = None, base: BaseRef | None = None
 ) -> Manifest:
     """Verify ``folder`` against ``peft_model`` and load its tensors into it."""
-    from safetensors.torch import load_file
-
     manifest = verify_artifact(folder, expected_id, base, expected_tensors(peft_model))
-    load_adapter_state(peft_model, load_file(Path(folder) / TENSORS_FILE))
+    load_adapter_state(peft_model, load_tensors(folder))
     return manifest

@@ -17,12 +17,14 @@ from zk0.shared.artifact import (
     MANIFEST,
     TENSORS_FILE,
     ArtifactError,
+    as_stored,
     load_adapter,
+    load_arrays,
     save_adapter,
     save_adapter_arrays,
     verify_artifact,
 )
-from zk0.shared.lora import LoraSpec, adapter_state, apply_lora, merged_copy
+from zk0.shared.lora import LoraSpec, adapter_state, apply_lora, load_adapter_state, merged_copy
 from zk0.shared.policy_factory import LoadedPolicy
 
 
@@ -30,10 +32,12 @@ from zk0.shared.policy_factory import LoadedPolicy
 def trained(
     make_tiny: Callable[[], LoadedPolicy], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[LoadedPolicy, object, Path]:
-    """A tiny policy whose adapter was trained a few steps, saved as version 1."""
+    """A tiny policy whose adapter was trained a few steps, saved as version 1; the model then
+    holds the version's values (as stored, bfloat16)."""
     tiny = make_tiny()
     peft_model = apply_lora(tiny.policy, LoraSpec(), tiny.base.name_or_path)
     train_steps(peft_model, tiny.preprocessor, steps=4, seed=1)
+    trained_state = {name: value.clone() for name, value in adapter_state(peft_model).items()}
     folder = tmp_path_factory.mktemp("artifacts") / "v1"
     save_adapter(
         peft_model,
@@ -45,6 +49,8 @@ def trained(
         round_=1,
         metrics={"loss": 0.5},
     )
+    stored = as_stored({name: value.numpy() for name, value in trained_state.items()})
+    load_adapter_state(peft_model, {name: torch.from_numpy(v) for name, v in stored.items()})
     return tiny, peft_model, folder
 
 
@@ -71,7 +77,7 @@ def test_manifest_covers_every_file_and_tensor(trained) -> None:  # type: ignore
     manifest = verify_artifact(folder)
     assert set(manifest.files) == {"adapter_config.json", TENSORS_FILE, "config.json"}
     assert set(manifest.tensors) == set(adapter_state(peft_model))
-    assert all(entry.dtype == "F32" for entry in manifest.tensors.values())
+    assert all(entry.dtype == "BF16" for entry in manifest.tensors.values())
     assert manifest.lora == LoraSpec()
     assert (folder / ID_FILE).read_text().strip() == manifest.artifact_id
     assert manifest.metrics == {"loss": 0.5}
@@ -208,10 +214,8 @@ def test_info_json_lists_version_and_id(trained) -> None:  # type: ignore[no-unt
 
 def test_a_version_from_arrays_loads_like_one_from_the_model(trained, make_tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The hub writes aggregated versions from arrays, with no policy: PEFT loads them the same."""
-    from safetensors.numpy import load_file
-
     _, peft_model, folder = trained
-    arrays = {name: array * 0.5 for name, array in load_file(folder / TENSORS_FILE).items()}
+    arrays = {name: array * 0.5 for name, array in load_arrays(folder).items()}
     manifest = save_adapter_arrays(
         folder, tmp_path / "v2", arrays, version=2, parent_version=1, round_=2
     )
@@ -232,3 +236,26 @@ def test_a_version_from_arrays_loads_like_one_from_the_model(trained, make_tiny,
     with pytest.raises(ArtifactError, match="tensors do not match the adapter of"):
         save_adapter_arrays(folder, tmp_path / "v3", arrays, version=3, parent_version=2)
     assert not (tmp_path / "v3").exists() and list(tmp_path.iterdir()) == [tmp_path / "v2"]
+
+
+def test_a_version_is_stored_in_bfloat16_half_the_bytes_of_float32(trained, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """What agents fetch: bfloat16 tensors (the hub keeps float32 masters); float32 artifacts of
+    earlier hubs still fit, other dtypes or shapes do not."""
+    from safetensors.numpy import save_file
+
+    from zk0.shared.artifact import misfit
+    from zk0.shared.safetensors_file import TensorEntry
+
+    _, _, folder = trained
+    float32 = tmp_path / "f32.safetensors"
+    save_file({k: v.copy() for k, v in load_arrays(folder).items()}, str(float32))
+    stored = (folder / TENSORS_FILE).stat().st_size
+    assert stored < 0.55 * float32.stat().st_size  # the header (names, shapes) aside: half
+    tensors = verify_artifact(folder).tensors
+    as_f32 = {k: TensorEntry(shape=e.shape, dtype="F32") for k, e in tensors.items()}
+    assert misfit(as_f32, tensors) is None
+    name = sorted(tensors)[0]
+    assert "F16" in str(
+        misfit({**as_f32, name: TensorEntry(shape=tensors[name].shape, dtype="F16")}, tensors)
+    )
+    assert "not" in str(misfit({**as_f32, name: TensorEntry(shape=(1, 1), dtype="F32")}, tensors))

@@ -194,7 +194,7 @@ def test_the_hot_swap_runtime_with_a_local_part_is_pefts_forward_with_both_adapt
     from zk0.agent.inference.backends import InferencePolicy
     from zk0.agent.inference.swap import AdapterSlot
     from zk0.agent.personal_follow import PersonalFollower
-    from zk0.shared.artifact import save_adapter
+    from zk0.shared.artifact import as_stored, save_adapter
     from zk0.shared.control import RefusedError
 
     tiny = make_tiny()
@@ -212,6 +212,9 @@ def test_the_hot_swap_runtime_with_a_local_part_is_pefts_forward_with_both_adapt
     publisher = apply_lora(copy.deepcopy(tiny.policy), LoraSpec(), tiny.base.name_or_path)
     load_adapter_state(publisher, shared)
     save_adapter(publisher, tmp_path / "v1", version=1, base=tiny.base, lora=LoraSpec())
+    # The arm runs the version as stored (bfloat16), and so does the reference below.
+    stored = as_stored({k: v.numpy() for k, v in shared.items()})
+    load_adapter_state(peft_model, {k: torch.from_numpy(v) for k, v in stored.items()})
     store = PersonalStore(tmp_path / "personal")
 
     def write(scale: float, parent: int | None) -> int:

@@ -27,6 +27,7 @@ from zk0.shared.artifact import (
     MANIFEST,
     ArtifactError,
     Manifest,
+    misfit,
     read_manifest,
 )
 from zk0.shared.distribution import protocol as p
@@ -266,8 +267,10 @@ class Download:
             raise ArtifactError(
                 f"v{manifest.version} is for base {manifest.base.id}, not {expected_base_id}"
             )
-        if expected_tensors is not None and manifest.tensors != expected_tensors:
-            raise ArtifactError(f"v{manifest.version}: adapter tensors do not fit this model")
+        if expected_tensors is not None and (why := misfit(manifest.tensors, expected_tensors)):
+            raise ArtifactError(
+                f"v{manifest.version}: adapter tensors do not fit this model ({why})"
+            )
         return manifest
 
     def _close_files(self) -> None:

@@ -77,7 +77,10 @@ def merge_lora(base: Weights, spec: LoraSpec, state: Weights) -> Weights:
         if name not in base or set(pair) != {"A", "B"}:
             raise ValueError(f"adapter tensors for {name!r} do not fit this policy's expert")
         weight = base[name]
-        delta = pair["B"].to(weight.device) @ pair["A"].to(weight.device)
+        # In the weight's dtype, as PEFT holds a loaded adapter (versions store bfloat16).
+        delta = pair["B"].to(weight.device, weight.dtype) @ pair["A"].to(
+            weight.device, weight.dtype
+        )
         if delta.shape != weight.shape:
             shapes = f"{tuple(delta.shape)}, the weight is {tuple(weight.shape)}"
             raise ValueError(f"{name}: the adapter gives {shapes}")
@@ -234,15 +237,13 @@ class AdapterSlot:
     def build(self, folder: Path) -> PolicyRuntime:
         """Verify the artifact at ``folder`` against the base and merge it (any thread); the
         fleet version alone (the slot's local part is merged in when it is swapped in)."""
-        from safetensors.torch import load_file
-
-        from zk0.shared.artifact import TENSORS_FILE, verify_artifact
+        from zk0.shared.artifact import load_tensors, verify_artifact
         from zk0.shared.normalization import NORMALIZATION_FILE
 
         start = time.perf_counter()
         folder = Path(folder)
         manifest = verify_artifact(folder, base=self.base.base)
-        weights = merge_lora(self._base_weights, manifest.lora, load_file(folder / TENSORS_FILE))
+        weights = merge_lora(self._base_weights, manifest.lora, load_tensors(folder))
         entry = manifest.files.get(NORMALIZATION_FILE)
         key = f"sha256:{entry.sha256}" if entry is not None else "base"
         pre, post = self._processors.get(
