@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import platform
 import statistics
@@ -35,7 +36,7 @@ def source_revision() -> str | None:
     try:
         completed = subprocess.run(
             ["git", "describe", "--always", "--dirty", "--abbrev=40"],
-            cwd=Path(__file__).parent,
+            cwd=str(importlib.resources.files("zk0.bench")),  # a checkout's, or site-packages
             capture_output=True,
             text=True,
             timeout=10,
