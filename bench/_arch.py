@@ -21,8 +21,15 @@ from zk0.bench._common import time_calls
 ARCH = "smolvla-arch"
 
 
-def arch_probe(kind: str, folder: Path) -> dict[str, Any]:
-    """One full-size measurement in this process: ``torch``, ``export`` or ``onnx``."""
+def arch_probe(
+    kind: str,
+    folder: Path,
+    spec: str = ARCH,
+    provider: str = "CPUExecutionProvider",
+    repeats: int = 2,
+) -> dict[str, Any]:
+    """One full-size measurement in this process: ``torch``, ``export`` or ``onnx`` (on
+    ONNX Runtime's ``provider``)."""
     from zk0.agent.inference.onnx_graphs import (
         DENOISE_FILE,
         PREFIX_FILE,
@@ -39,7 +46,7 @@ def arch_probe(kind: str, folder: Path) -> dict[str, Any]:
     from zk0.shared.sim_variants import SIM_ROBOT
 
     config = load_robot_config(SIM_ROBOT)
-    policy = build_fresh_policy(ARCH, PolicyFeatures.from_robot_config(config)).eval()
+    policy = build_fresh_policy(spec, PolicyFeatures.from_robot_config(config)).eval()
     preprocessor, _ = make_processors(policy.config)
     frame: dict[str, Any] = {
         key: torch.rand(feature.shape, generator=torch.Generator().manual_seed(0))
@@ -77,12 +84,19 @@ def arch_probe(kind: str, folder: Path) -> dict[str, Any]:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         start = time.perf_counter()
-        prefix_session = ort.InferenceSession(str(folder / PREFIX_FILE), options)
-        step_session = ort.InferenceSession(str(folder / DENOISE_FILE), options)
+        providers = [provider]
+        prefix_session = ort.InferenceSession(
+            str(folder / PREFIX_FILE), options, providers=providers
+        )
+        step_session = ort.InferenceSession(
+            str(folder / DENOISE_FILE), options, providers=providers
+        )
         result["session_load_s"] = time.perf_counter() - start
         feeds = {n: t.numpy() for n, t in zip(input_names(signature), inputs, strict=True)}
         outputs = prefix_session.run(None, feeds)
-        result["prefix_s"] = time_calls(lambda: prefix_session.run(None, feeds), 2)["median_s"]
+        result["prefix_s"] = time_calls(lambda: prefix_session.run(None, feeds), repeats)[
+            "median_s"
+        ]
         names = [o.name for o in prefix_session.get_outputs()]
         params = dict(policy.named_parameters())
         step_feeds = {
@@ -91,9 +105,9 @@ def arch_probe(kind: str, folder: Path) -> dict[str, Any]:
             "x_t": x_t.numpy(),
             "timestep": timestep.numpy(),
         }
-        result["denoise_step_s"] = time_calls(lambda: step_session.run(["v_t"], step_feeds), 2)[
-            "median_s"
-        ]
+        result["denoise_step_s"] = time_calls(
+            lambda: step_session.run(["v_t"], step_feeds), repeats
+        )["median_s"]
         reference = np.asarray(outputs[1])
         result["prefix_max_abs_diff"] = float(np.abs(reference - cache[1].numpy()).max())
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6

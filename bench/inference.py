@@ -43,14 +43,16 @@ def _robot(horizon_s: float) -> Any:
     return variant_config({**BASE_VARIANT, "seed": HELD_OUT_SEED}, horizon_s)
 
 
-def make_adapters(features: Any, stats: Any, count: int, root: Path) -> list[Path]:
-    """``count`` artifacts for ``tiny-sim-base`` carrying ``stats``; B drawn at random."""
+def make_adapters(
+    features: Any, stats: Any, count: int, root: Path, policy: str = POLICY
+) -> list[Path]:
+    """``count`` artifacts for ``policy`` carrying ``stats`` (None: none); B drawn at random."""
     from zk0.shared.artifact import save_adapter
     from zk0.shared.lora import LoraSpec, apply_lora
     from zk0.shared.normalization import NORMALIZATION_FILE, dumps
     from zk0.shared.policy_factory import build_policy
 
-    loaded = build_policy(POLICY, features, device="cpu")
+    loaded = build_policy(policy, features, device="cpu")
     peft_model = apply_lora(loaded.policy, LoraSpec(), loaded.base.name_or_path)
     generator = torch.Generator().manual_seed(0)
     folders = []
@@ -66,7 +68,7 @@ def make_adapters(features: Any, stats: Any, count: int, root: Path) -> list[Pat
             version=version,
             base=loaded.base,
             lora=LoraSpec(),
-            extra_files={NORMALIZATION_FILE: dumps(stats)},
+            extra_files={NORMALIZATION_FILE: dumps(stats)} if stats is not None else None,
         )
         folders.append(folder)
     return folders
