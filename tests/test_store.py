@@ -146,3 +146,27 @@ def test_store_imports_no_torch() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_hub_trains_on_from_its_float32_master_only_while_it_is_the_versions(
+    tmp_path: Path,
+) -> None:
+    """Versions hold bfloat16; the hub's float32 master continues training, unless it no longer
+    rounds to the version's stored tensors (then the stored ones, widened)."""
+    import numpy as np
+
+    from zk0.hub.masters import MasterAdapters
+    from zk0.shared.artifact import as_stored
+
+    rng = np.random.default_rng(0)
+    master = {"m.lora_A.weight": rng.normal(0, 0.02, (4, 6)).astype(np.float32)}
+    stored = as_stored(master)
+    assert not np.array_equal(stored["m.lora_A.weight"], master["m.lora_A.weight"])
+    masters = MasterAdapters(tmp_path)
+    assert masters.starting_point(3, stored) is stored  # no master: the version itself
+    masters.save(3, master)
+    np.testing.assert_array_equal(
+        masters.starting_point(3, stored)["m.lora_A.weight"], master["m.lora_A.weight"]
+    )
+    other = as_stored({"m.lora_A.weight": master["m.lora_A.weight"] + 0.01})
+    assert masters.starting_point(3, other) is other  # a master of another version 3
