@@ -220,8 +220,13 @@ def test_hub_survives_1000_junk_frames_per_socket_and_keeps_serving(rig: Any) ->
             what="the hub to see every junk frame",
         )
         wait_until(lambda: good.status().applied == 1, what="the good agent to get version 1")
-        record = {r.agent_id: r for r in server.agents()}["arm-good"]
-        assert (record.applied, record.error) == (1, None)  # the spoofed status changed nothing
+
+        def record() -> Any:
+            return {r.agent_id: r for r in server.agents()}["arm-good"]
+
+        # The hub hears the agent's status a moment after the agent applied the version.
+        wait_until(lambda: record().applied != 0, what="the hub to hear arm-good's status")
+        assert (record().applied, record().error) == (1, None)  # not the spoofed status's 99
         # The same client, asking properly, is still served (any stored version).
         while dealer.poll(500):  # first drop the error replies queued for it
             dealer.recv_multipart()
