@@ -17,9 +17,7 @@ nor the tests need it.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,36 +25,16 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from zk0.bench._common import synthetic_batch, write_result
+from zk0.bench._common import synthetic_batch, time_calls, write_result
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def _samples(
-    fn: Callable[[], object], repeats: int, device: str, warmup: int = 2
-) -> dict[str, Any]:
-    """p50 / p95 / max seconds of ``repeats`` calls after ``warmup``, the device synchronized."""
-
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        fn()
-    seconds = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        seconds.append(time.perf_counter() - start)
-    ordered = sorted(seconds)
-    return {
-        "p50_s": statistics.median(ordered),
-        "p95_s": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
-        "max_s": ordered[-1],
-        "repeats": repeats,
-    }
+def _samples(fn: Callable[[], object], repeats: int, warmup: int = 2) -> dict[str, Any]:
+    """p50 / p95 / max seconds of ``repeats`` calls after ``warmup`` (``time_calls``)."""
+    timed = time_calls(fn, repeats, warmup)
+    return {"p50_s": timed["median_s"], "p95_s": timed["p95_s"], "max_s": timed["max_s"],
+            "repeats": repeats}  # fmt: skip
 
 
 def chunk_and_step(spec: str, device: str, repeats: int, batch_size: int) -> dict[str, Any]:
@@ -82,13 +60,13 @@ def chunk_and_step(spec: str, device: str, repeats: int, batch_size: int) -> dic
             peft_model.predict_action_chunk(dict(one), noise=noise)
 
     peft_model.eval()
-    result: dict[str, Any] = {"chunk_fp32": _samples(chunk, repeats, device)}
+    result: dict[str, Any] = {"chunk_fp32": _samples(chunk, repeats)}
     with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-        result["chunk_bf16_autocast"] = _samples(chunk, repeats, device) if bf16 else None
+        result["chunk_bf16_autocast"] = _samples(chunk, repeats) if bf16 else None
         batch = synthetic_batch(policy, preprocessor, batch_size=batch_size)
         step, trainable = _train_step_fn(peft_model, batch)
         result["lora_train_step"] = {
-            **_samples(step, repeats, device),
+            **_samples(step, repeats),
             "batch_size": batch_size,
             "bf16_autocast": bf16,
             "trainable_params": trainable,
@@ -127,7 +105,7 @@ def hot_swap(spec: str, device: str, repeats: int) -> dict[str, Any]:
         folders = make_adapters(features, None, 2, Path(tmp), policy=spec)
         slot = AdapterSlot(loaded)
         turn = iter(range(10**9))
-        figures = _samples(lambda: slot.load(folders[next(turn) % 2]), repeats, device, warmup=1)
+        figures = _samples(lambda: slot.load(folders[next(turn) % 2]), repeats, warmup=1)
         figures["adapter_bytes"] = sum(p.stat().st_size for p in folders[0].iterdir())
     return figures
 

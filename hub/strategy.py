@@ -198,9 +198,9 @@ class LoRAFedAvg(FedAvg):
     ) -> Iterable[Message]:
         if self.start_from is not None and (instead := self.start_from(server_round)) is not None:
             arrays = to_record(instead)
-        wire = pack(to_numpy(arrays))
+        reference = self._reference[server_round] = to_numpy(arrays)
+        wire = pack(reference)
         messages = list(super().configure_train(server_round, wire, config, grid))
-        self._reference[server_round] = to_numpy(arrays)
         self._train_started[server_round] = time.perf_counter()
         self.report(server_round).bytes_sent += wire.count_bytes() * len(messages)
         return messages
