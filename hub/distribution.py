@@ -44,6 +44,7 @@ from zk0.shared.distribution.keys import (
     require_curve,
 )
 from zk0.shared.distribution.limits import DistributionLimits
+from zk0.shared.distribution.liveness import detect_dead_peers
 from zk0.shared.store import CURRENT, AdapterStore
 
 _LOOP_TICK_S = 0.2
@@ -199,8 +200,7 @@ class DistributionServer:
         sock: zmq.Socket[bytes] = self._ctx.socket(kind)
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_REQUEST_BYTES)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        detect_dead_peers(sock)
         if kind == zmq.ROUTER:
             bound_queues(sock, self.limits)
         else:

@@ -38,6 +38,7 @@ from zk0.shared.config import AgentConfig, AgentKeys, HubAddress
 from zk0.shared.distribution import protocol as p
 from zk0.shared.distribution.keys import KeyPair, load_keypair, load_public_key, require_curve
 from zk0.shared.distribution.limits import DistributionLimits
+from zk0.shared.distribution.liveness import detect_dead_peers
 from zk0.shared.safetensors_file import TensorEntry
 from zk0.shared.store import AdapterStore
 
@@ -176,8 +177,7 @@ class AdapterSubscriber:
         sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
         sock.setsockopt(zmq.RECONNECT_IVL, self.options.reconnect_ivl_ms)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, self.options.reconnect_ivl_max_ms)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        detect_dead_peers(sock)
         if self._pair is not None:
             sock.curve_secretkey = self._pair.secret
             sock.curve_publickey = self._pair.public
