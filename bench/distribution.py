@@ -1,10 +1,14 @@
 """``zk0 bench distribution``: how fast a new adapter version reaches a fleet, and at what cost.
 
-A hub (``DistributionServer``) and N agents (``AdapterSubscriber``s, several per worker process)
-on 127.0.0.1. Each round publishes a new full-size adapter (LoRA r16 on the ``smolvla-arch``
-action expert: 1,290,240 parameters, ~5.2 MB, fresh random values every version) and times
-publish -> applied (fetched, verified, stored, ``current`` switched, handed to the engine
-callback) per agent. For 1, 10 and 50 agents, with CURVE on and off.
+A hub (``DistributionServer`` in a process of its own, so that its CPU seconds and peak memory
+are its own) and N agents (real ``AdapterSubscriber``s, ``--agents-per-process`` to a worker
+process; ``bench/_distribution_fleet.py``) on 127.0.0.1. Each round publishes a new full-size
+adapter (LoRA r16 on the ``smolvla-arch`` action expert: 1,290,240 parameters, 2.6 MB as stored
+in bf16, fresh random values every version) and times publish -> applied (fetched, verified,
+stored, ``current`` switched, handed to the engine callback) per agent. For 1 to 1,000 agents,
+with CURVE on and off. Each agent's store keeps 2 versions, as an agent's does. The hub's CPU
+seconds are counted from publish to the last agent applied (statuses included), and at rest
+(heartbeat statuses only) per second.
 
 Bytes on the wire per agent per version are counted at the application level (every frame the
 agent sends and receives, including statuses and announces during the round) and, for the
@@ -18,6 +22,8 @@ the full-size base is never written to disk, only its LoRA shapes matter here.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import queue as queue_module
 import shutil
 import statistics
 import tempfile
@@ -91,113 +97,79 @@ class AdapterMaker:
         return int(version)
 
 
-def _worker(specs: list[dict[str, Any]], queue: Any, stop: Any) -> None:
-    """A worker process: several agents sharing one ZeroMQ context; reports every version."""
-    import zmq
-    from loguru import logger
-
-    from zk0.agent.distribution.subscriber import AdapterSubscriber, SubscriberOptions
-    from zk0.shared.config import AgentKeys, HubAddress
-
-    logger.remove()
-    logger.add(lambda m: None, level="ERROR")
-    context: zmq.Context[Any] = zmq.Context(io_threads=1)
-    subscribers: list[AdapterSubscriber] = []
-
-    def report(agent_id: str, index: int) -> Any:
-        def on_new_version(version: int, folder: Path, manifest: Any) -> None:
-            now = time.monotonic()
-            status = subscribers[index].status()
-            queue.put((agent_id, version, now, status.bytes_rx + status.bytes_tx))
-
-        return on_new_version
-
-    for index, spec in enumerate(specs):
-        keys = AgentKeys(**spec["keys"]) if spec["keys"] else None
-        subscriber = AdapterSubscriber(
-            spec["agent_id"],
-            Path(spec["store"]),
-            HubAddress(**spec["hub"]),
-            keys,
-            on_new_version=report(spec["agent_id"], index),
-            options=SubscriberOptions(keep_versions=2),
-            insecure=keys is None,
-            context=context,
-        )
-        subscribers.append(subscriber)
-    for subscriber in subscribers:
-        subscriber.start()
-    stop.wait()
-    for subscriber in subscribers:
-        subscriber.stop()
-    context.term()
-
-
 def measure(
-    maker: AdapterMaker, agents: int, curve: bool, rounds: int, procs: int, root: Path
+    maker: AdapterMaker, agents: int, curve: bool, rounds: int, per_process: int, root: Path
 ) -> dict[str, Any]:
-    """One fresh fleet: ``rounds`` publishes, publish -> applied per agent per round."""
-    from zk0.hub.distribution import DistributionServer
+    """One fresh fleet: ``rounds`` publishes, publish -> applied per agent per round, and the
+    hub process's CPU seconds per version and peak memory."""
+    from zk0.bench._distribution_fleet import Hub, SystemMemory, agent_worker
     from zk0.shared.config import HubKeys
     from zk0.shared.distribution.keys import AllowList, create_keypair
     from zk0.shared.store import AdapterStore
 
+    memory = SystemMemory()
     store = AdapterStore(root / "hub")
     versions = [maker.add_version(store) for _ in range(rounds + 1)]
-    keys = None
+    store.set_current(versions[0])
+    hub_keys, specs = None, []
     if curve:
         create_keypair(root / "keys" / "hub.key_secret", root / "keys" / "hub.key", "hub")
-        keys = HubKeys(
+        hub_keys = HubKeys(
             curve_secret=root / "keys" / "hub.key_secret",
             curve_public=root / "keys" / "hub.key",
             allow_list_dir=root / "allowed",
         )
-        keys.allow_list_dir.mkdir()
-    server = DistributionServer(store, keys=keys, insecure=not curve).start()
-    server.publish(versions[0])
-    specs = []
+        hub_keys.allow_list_dir.mkdir()
     for i in range(agents):
-        agent_id = f"bench-{i:03d}"
+        agent_id = f"bench-{i:04d}"
         agent_keys = None
-        if keys is not None:
-            secret, public = (
-                root / "keys" / f"{agent_id}.key_secret",
-                root / "keys" / f"{agent_id}.key",
-            )
+        if hub_keys is not None:
+            secret = root / "keys" / f"{agent_id}.key_secret"
+            public = root / "keys" / f"{agent_id}.key"
             create_keypair(secret, public, agent_id)
-            AllowList(keys.allow_list_dir).add(agent_id, public)
+            AllowList(hub_keys.allow_list_dir).add(agent_id, public)
             agent_keys = {
                 "curve_secret": str(secret),
                 "curve_public": str(public),
-                "hub_curve_public": str(keys.curve_public),
+                "hub_curve_public": str(hub_keys.curve_public),
             }
-        hub = {
-            "host": "127.0.0.1",
-            "publish_port": server.publish_port,
-            "fetch_port": server.fetch_port,
-        }
-        specs.append(
-            {"agent_id": agent_id, "store": str(root / agent_id), "hub": hub, "keys": agent_keys}
-        )
+        specs.append({"agent_id": agent_id, "store": str(root / agent_id), "keys": agent_keys})
+    hub = Hub(root / "hub", hub_keys.model_dump(mode="json") if hub_keys else None)
+    for spec in specs:
+        spec["hub"] = {"host": "127.0.0.1", "publish_port": hub.publish_port,
+                       "fetch_port": hub.fetch_port}  # fmt: skip
     ctx = multiprocessing.get_context("spawn")
     queue, stop = ctx.Queue(), ctx.Event()
+    processes = -(-agents // per_process)
     workers = [
-        ctx.Process(target=_worker, args=(specs[w::procs], queue, stop), daemon=True)
-        for w in range(min(procs, agents))
+        ctx.Process(target=agent_worker, args=(specs[w::processes], queue, stop), daemon=True)
+        for w in range(processes)
     ]
-    for worker in workers:
+    for index, worker in enumerate(workers):
+        worker.name = f"agent worker {index}"
         worker.start()
+    hub.process.name = "hub process"
+    watched = [hub.process, *workers]
+    timeout_s = 120 + agents  # a thousand agents on 2 cores take minutes to start
     try:
-        _collect(queue, agents, versions[0], time.monotonic(), timeout_s=300)
+        _collect(queue, agents, versions[0], time.monotonic(), timeout_s, watched)
+        time.sleep(2.0)  # let the first statuses settle, then time the hub at rest
+        idle_before, idle_t0 = hub.usage(), time.monotonic()
+        time.sleep(5.0)
+        idle_s = time.monotonic() - idle_t0
+        hub_idle = (hub.usage()["cpu_s"] - idle_before["cpu_s"]) / idle_s
         latencies: list[float] = []
         app_bytes: list[int] = []
         loopback: list[float] = []
+        hub_cpu: list[float] = []
         last_bytes: dict[str, int] = {}
         for version in versions[1:]:
             time.sleep(0.5)  # let statuses settle between rounds
+            before = hub.usage()["cpu_s"]
             lo_before, t0 = _loopback_bytes(), time.monotonic()
-            server.publish(version)
-            reports = _collect(queue, agents, version, t0, timeout_s=300)
+            hub.publish(version)
+            reports = _collect(queue, agents, version, t0, timeout_s, watched)
+            hub_cpu.append(hub.usage()["cpu_s"] - before)
             loopback.append((_loopback_bytes() - lo_before) / agents)
             for agent_id, applied_at, total in reports:
                 latencies.append(applied_at - t0)
@@ -207,8 +179,8 @@ def measure(
     finally:
         stop.set()
         for worker in workers:
-            worker.join(30)
-        server.stop()
+            worker.join(60)
+        hub_final = hub.stop()
     return {
         "agents": agents,
         "curve": curve,
@@ -217,6 +189,10 @@ def measure(
         "latencies_s": latencies,
         "app_bytes": app_bytes,
         "loopback_bytes": loopback,
+        "hub_cpu_s_per_version": hub_cpu,
+        "hub_idle_cpu_s_per_s": hub_idle,
+        "hub_peak_rss_mb": hub_final["peak_rss_mb"],
+        **memory.stop(),
     }
 
 
@@ -236,18 +212,34 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "max_s": max(latencies),
         "app_bytes_per_agent_per_version": statistics.median(app_bytes) if app_bytes else None,
         "loopback_bytes_per_agent_per_version": statistics.median(loopback),
+        "hub_cpu_s_per_version": statistics.median(
+            [x for s in samples for x in s["hub_cpu_s_per_version"]]
+        ),
+        "hub_idle_cpu_s_per_s": statistics.median(s["hub_idle_cpu_s_per_s"] for s in samples),
+        "hub_peak_rss_mb": max(s["hub_peak_rss_mb"] for s in samples),
+        "system_memory_peak_gb": max(s["system_memory_peak_gb"] for s in samples),
+        "system_memory_before_gb": min(s["system_memory_before_gb"] for s in samples),
     }
 
 
-def _collect(queue: Any, agents: int, version: int, t0: float, timeout_s: float) -> list[Any]:
-    """Wait for every agent to report ``version``; (agent id, applied at, bytes) each."""
+def _collect(
+    queue: Any, agents: int, version: int, t0: float, timeout_s: float, processes: list[Any]
+) -> list[Any]:
+    """Wait for every agent to report ``version``; (agent id, applied at, bytes) each. Fails
+    with one line if the time runs out or the hub or a worker process has died."""
     seen: dict[str, tuple[str, float, int]] = {}
     deadline = t0 + timeout_s
     while len(seen) < agents:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"{len(seen)} of {agents} agents applied v{version} in {timeout_s}s")
-        agent_id, applied, at, total = queue.get(timeout=remaining)
+        dead = [p for p in processes if p.exitcode is not None]
+        if dead:
+            raise RuntimeError(f"{dead[0].name} exited with {dead[0].exitcode} during v{version}")
+        try:
+            agent_id, applied, at, total = queue.get(timeout=min(remaining, 1.0))
+        except queue_module.Empty:
+            continue
         if applied == version:
             seen[agent_id] = (agent_id, at, total)
     return list(seen.values())
@@ -256,10 +248,12 @@ def _collect(queue: Any, agents: int, version: int, t0: float, timeout_s: float)
 @app.command()
 def main(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
-    agents: Annotated[str, typer.Option(help="Comma-separated fleet sizes.")] = "1,10,50",
-    rounds: Annotated[int, typer.Option(min=1, help="Versions published per fleet.")] = 5,
-    repeats: Annotated[int, typer.Option(min=1, help="Fresh fleets per size and mode.")] = 2,
-    procs: Annotated[int, typer.Option(min=1, help="Worker processes holding the agents.")] = 5,
+    agents: Annotated[str, typer.Option(help="Comma-separated fleet sizes.")] = "1,10,100,500,1000",
+    rounds: Annotated[int, typer.Option(min=1, help="Versions published per fleet.")] = 3,
+    repeats: Annotated[int, typer.Option(min=1, help="Fresh fleets per size and mode.")] = 1,
+    agents_per_process: Annotated[
+        int, typer.Option(min=1, help="Agents one worker process holds.")
+    ] = 100,
     modes: Annotated[str, typer.Option(help="curve, plain or both.")] = "both",
     robot_config: RobotOption = DEFAULT_ROBOT_CONFIG,
     workdir: Annotated[
@@ -275,6 +269,7 @@ def main(
     torch.set_num_threads(1)
     logger.remove()
     logger.add(lambda m: None, level="ERROR")
+    load_start = os.getloadavg()[0]
     sizes = [int(n) for n in agents.split(",")]
     curves = {"both": [True, False], "curve": [True], "plain": [False]}[modes]
     maker = AdapterMaker(robot_config)
@@ -285,7 +280,7 @@ def main(
             for rep in range(repeats):
                 for curve in curves:
                     folder = scratch / f"{'curve' if curve else 'plain'}-{size}-{rep}"
-                    run = measure(maker, size, curve, rounds, procs, folder)
+                    run = measure(maker, size, curve, rounds, agents_per_process, folder)
                     samples.setdefault((size, curve), []).append(run)
                     shutil.rmtree(folder, ignore_errors=True)
     finally:
@@ -312,9 +307,14 @@ def main(
     if f"curve_over_plain_latency_{headline}_agents" in result:
         result["curve_over_plain_latency"] = result[f"curve_over_plain_latency_{headline}_agents"]
     result["bytes_on_wire_per_agent_per_version"] = runs[0]["app_bytes_per_agent_per_version"]
+    result["app_bytes_per_agent_per_version"] = max(
+        r["app_bytes_per_agent_per_version"] or 0 for r in runs if r["curve"] == curves[0]
+    )
+    result["load_average_1min"] = {"start": load_start, "end": os.getloadavg()[0]}
     summary = "distribution: {:.2f} MB adapter; ".format(result["adapter_bytes"] / 1e6) + "; ".join(
         f"{r['agents']} agents {'CURVE' if r['curve'] else 'plain'} "
-        f"p50 {r['p50_s'] * 1e3:.0f} ms p95 {r['p95_s'] * 1e3:.0f} ms"
+        f"p50 {r['p50_s']:.2f} s p95 {r['p95_s']:.2f} s hub {r['hub_cpu_s_per_version']:.2f} "
+        f"CPU-s/version {r['hub_peak_rss_mb']:.0f} MB"
         for r in runs
     )
     if "curve_over_plain_latency" in result:

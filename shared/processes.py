@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -47,6 +48,26 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+#: Open files a daemon asks for: a hub holds two TCP connections per agent (announces and
+#: fetches) and libzmq an eventfd per socket, so 1,000 agents need over 2,000 descriptors.
+OPEN_FILES_WANTED = 65536
+
+
+def raise_open_files_limit(wanted: int = OPEN_FILES_WANTED) -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` towards ``wanted`` (never above the hard limit, never
+    lower); returns the soft limit now in force. systemd starts services at a soft limit of
+    1,024 and expects those that need more to raise it themselves (their units also set
+    ``LimitNOFILE=``)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft < wanted:
+        logger.warning("open files limited to {} (hard limit); {} wanted", soft, wanted)
+    return soft
 
 
 def wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], timeout_s: float) -> None:

@@ -62,3 +62,23 @@ def test_a_child_that_never_gets_ready_fails_the_first_start_in_one_line(tmp_pat
     with pytest.raises(RuntimeError, match=r"^child did not start \(not ready within 0.5 s\)$"):
         supervised.start(wait=True)
     assert not supervised.running
+
+
+def test_a_daemon_started_at_systemds_1024_open_files_raises_its_limit_for_a_large_fleet() -> None:
+    import resource
+    import subprocess
+
+    code = (
+        "import resource; from zk0.shared.processes import raise_open_files_limit;"
+        "print(raise_open_files_limit(4096), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def start_at_1024() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], preexec_fn=start_at_1024, capture_output=True, text=True
+    )
+    expected = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+    assert out.stdout.split() == [str(expected), str(expected)], out.stderr
