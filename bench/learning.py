@@ -295,8 +295,10 @@ def main(
         expert = SuccessRate.of(
             sum(c.expert_successes for c in clients), sum(c.expert_episodes for c in clients)
         )
+        by_mode = {m: summarize(flat, m, base_task) for m in flat if m in FEDERATED_METHODS}
         return {
             **summarize(flat, default_mode, base_task),
+            "summary_by_mode": by_mode,  # each federated mode as if it were the default
             "expert_success_rate": expert.rate,
             "wall_s": time.perf_counter()
             - started
