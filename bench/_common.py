@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import json
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,21 @@ def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def flower_task_identity() -> Iterator[None]:
+    """Within it, Flower ``Message``s can be built outside Flower's runtime: the ServerApp's
+    runtime sets a task identity (Flower's private ``TaskIdentity``) before a strategy builds
+    them; this sets one and restores what was there."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = 1
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def write_result(path: Path | None, result: dict[str, Any], summary: str) -> None:

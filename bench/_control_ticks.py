@@ -97,10 +97,10 @@ def _training(work: Path, nice: int) -> Iterator[dict[str, int]]:
 def _round(work: Path) -> tuple[NodeSettings, Any]:
     """A cached recording as the node's data, and a train message for a fresh adapter."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from zk0.agent.episode_cache import recorded
     from zk0.agent.training import dataset_stats, open_dataset
+    from zk0.bench._common import flower_task_identity
     from zk0.shared.adapter_wire import pack
     from zk0.shared.config import load_robot_config
     from zk0.shared.features import PolicyFeatures
@@ -117,12 +117,7 @@ def _round(work: Path) -> tuple[NodeSettings, Any]:
     stats = dumps(dataset_stats(open_dataset(data_root, base.policy.config)))
     config = ConfigRecord({NORMALIZATION: stats, "server-round": 1})
     content = RecordDict({ARRAYS_KEY: pack(adapter_state(fresh)), CONFIG_KEY: config})
-    # A Message outside Flower's runtime needs a task identity, as the ServerApp's has.
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = 1
-    try:
+    with flower_task_identity():
         message = Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
     node = NodeSettings(agent_id="sim-00", data_root=data_root)
     return node, message

@@ -29,6 +29,7 @@ stored version non-finite or out of bounds), both over the matrix and the Flower
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -40,10 +41,9 @@ import numpy as np
 import torch
 import typer
 from flwr.app import ConfigRecord
-from flwr.supercore.task_identity import TaskIdentity
 from loguru import logger
 
-from zk0.bench._common import write_result
+from zk0.bench._common import flower_task_identity, write_result
 from zk0.bench._learning_clients import Client
 from zk0.bench._robustness_attacks import ATTACKS, Attack, mean_arrays, poisoned, train_reply
 from zk0.bench._robustness_bounds import StoredVersionCheck, base_norms
@@ -259,9 +259,9 @@ def main(
     detail: dict[str, Any] = {}
     flower_detail: dict[str, Any] = {}
     flower_error: str | None = None
-    # Flower's ServerApp runtime sets these before a strategy builds messages.
-    identity = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = 1
+    # Flower's ServerApp runtime sets a task identity before a strategy builds messages.
+    identity = contextlib.ExitStack()
+    identity.enter_context(flower_task_identity())
 
     def report(complete: bool) -> dict[str, Any]:
         return {
@@ -347,7 +347,7 @@ def main(
                 logger.error("bench robustness: a Flower run failed: {}", flower_error)
             logger.info("bench robustness: Flower runs {:.0f}s", time.perf_counter() - clock)
     finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = identity
+        identity.close()
         shutil.rmtree(work, ignore_errors=True)
     result = report(complete=flower_error is None)
     line = ", ".join(
