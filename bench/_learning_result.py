@@ -59,6 +59,34 @@ def summarize(methods: dict[str, Any], default: str, base_task: SuccessRate) -> 
     return summary
 
 
+#: The issue's bars on the summary keys: (key, "min" or "max", bound).
+BARS: tuple[tuple[str, str, float], ...] = (
+    ("base_task_success", "min", 0.6),
+    ("base_client_success_mean", "max", 0.3),
+    ("success_gain_pp_over_base", "min", 25.0),
+    ("default_minus_local_only_success_pp", "min", 0.0),
+    ("fraction_of_centralized_gain_mse", "min", 0.95),
+    ("worst_client_mse_over_local_only", "max", 1.05),
+)
+
+
+def bars(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per bar: the bound, the value, whether it is met and, if not, by how much it is missed."""
+    verdicts: dict[str, dict[str, Any]] = {}
+    for key, kind, bound in BARS:
+        value = summary.get(key)
+        if value is None:
+            continue
+        met = value >= bound if kind == "min" else value <= bound
+        verdicts[key] = {
+            kind: bound,
+            "value": value,
+            "met": met,
+            "missed_by": None if met else abs(value - bound),
+        }
+    return verdicts
+
+
 def measured_before(
     path: Path, setup: dict[str, Any], wanted: list[str]
 ) -> tuple[dict[str, Any], dict[str, Any]]:

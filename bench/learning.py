@@ -46,7 +46,7 @@ from zk0.bench._learning_clients import (
     realtime,
     training_frames,
 )
-from zk0.bench._learning_result import measured_before, summarize
+from zk0.bench._learning_result import bars, measured_before, summarize
 from zk0.bench.federated import simulate
 from zk0.shared.artifact import load_adapter
 from zk0.shared.features import PolicyFeatures
@@ -296,8 +296,10 @@ def main(
             sum(c.expert_successes for c in clients), sum(c.expert_episodes for c in clients)
         )
         by_mode = {m: summarize(flat, m, base_task) for m in flat if m in FEDERATED_METHODS}
+        summary = summarize(flat, default_mode, base_task)
         return {
-            **summarize(flat, default_mode, base_task),
+            **summary,
+            "bars": bars(summary),
             "summary_by_mode": by_mode,  # each federated mode as if it were the default
             "expert_success_rate": expert.rate,
             "wall_s": time.perf_counter()
