@@ -84,6 +84,23 @@ def test_allow_list_skips_bad_files_and_keeps_the_good(tmp_path: Path) -> None:
     assert allowed.agent_for(entry.public) == "arm-good"
 
 
+def test_a_key_file_rewritten_in_place_is_read_again(tmp_path: Path) -> None:
+    """The hub parses a key file again only when it changed; a rewrite in place, which leaves
+    the folder's own mtime alone, still changes who is admitted within the TTL."""
+    for name in ("a", "b"):
+        create_keypair(tmp_path / "k" / f"{name}.key_secret", tmp_path / "k" / f"{name}.key", name)
+    allowed = AllowList(tmp_path / "allowed")
+    first = allowed.add("arm-a", tmp_path / "k" / "a.key")
+    second = load_keypair(tmp_path / "k" / "b.key_secret").public
+    assert allowed.agent_for(first.public) == "arm-a"
+    folder_mtime = (tmp_path / "allowed").stat().st_mtime_ns
+    with (tmp_path / "allowed" / "arm-a.key").open("w") as handle:  # in place, not renamed
+        handle.write((tmp_path / "k" / "b.key").read_text())
+    assert (tmp_path / "allowed").stat().st_mtime_ns == folder_mtime
+    wait_until(lambda: allowed.agent_for(second) == "arm-a", what="the rewritten key admitted")
+    assert allowed.agent_for(first.public) is None
+
+
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / args[0]), *args[1:]], capture_output=True, text=True, check=False

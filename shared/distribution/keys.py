@@ -161,25 +161,46 @@ class AllowList:
         self._by_key: dict[bytes, AllowedKey] = {}
         self._stamp: tuple[int, int] | None = None
         self._read_at = -1.0
+        #: Per key file: its (mtime, size, inode) when parsed, and what it held (None: refused).
+        self._parsed: dict[Path, tuple[tuple[int, int, int], bytes | None]] = {}
 
     def _scan(self) -> dict[bytes, AllowedKey]:
+        # Every TTL the files are stat-ed, and only a changed one is parsed again: a thousand
+        # keys parsed four times a second kept a hub's loop from serving its fleet.
         by_key: dict[bytes, AllowedKey] = {}
+        parsed: dict[Path, tuple[tuple[int, int, int], bytes | None]] = {}
         for path in sorted(self.folder.glob(f"*{PUBLIC_SUFFIX}")):
-            agent_id = path.name.removesuffix(PUBLIC_SUFFIX)
             try:
-                if not _valid_agent_id(agent_id):
-                    raise KeyFileError(f"{path}: {agent_id!r} is not a valid agent id")
-                public = load_public_key(path)
-            except KeyFileError as error:
-                logger.warning("allow-list: skipping {}", error)
+                info = path.stat()
+            except FileNotFoundError:  # removed since the listing
                 continue
+            stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
+            before = self._parsed.get(path)
+            public = before[1] if before is not None and before[0] == stamp else self._parse(path)
+            parsed[path] = (stamp, public)
+            if public is None:
+                continue
+            agent_id = path.name.removesuffix(PUBLIC_SUFFIX)
             if public in by_key:
                 logger.warning(
                     "allow-list: {} repeats the key of {}; ignored", path, by_key[public].agent_id
                 )
                 continue
             by_key[public] = AllowedKey(agent_id, public, path)
+        self._parsed = parsed
         return by_key
+
+    @staticmethod
+    def _parse(path: Path) -> bytes | None:
+        """The public key in ``path``, or None (logged once per version of the file)."""
+        agent_id = path.name.removesuffix(PUBLIC_SUFFIX)
+        try:
+            if not _valid_agent_id(agent_id):
+                raise KeyFileError(f"{path}: {agent_id!r} is not a valid agent id")
+            return load_public_key(path)
+        except KeyFileError as error:
+            logger.warning("allow-list: skipping {}", error)
+            return None
 
     def refresh(self, force: bool = False) -> bool:
         """Reread the folder if it changed or the last read is older than the TTL; True if this
