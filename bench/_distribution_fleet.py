@@ -6,7 +6,7 @@
          │                      │ XPUB announces, ROUTER fetches (CURVE)
          │                      ▼
          └──Queue<── worker processes, each ``agents_per_process`` real AdapterSubscribers on
-                     its own ZeroMQ context: announce, status, fetch, verify, store, switch
+                     one ZeroMQ context: announce, status, fetch, verify, store, switch
 
 Each worker reports (agent, version, applied at, bytes so far) from the subscriber's
 ``on_new_version`` callback; ``time.monotonic`` is one clock for every process on the host.
@@ -15,6 +15,7 @@ Each worker reports (agent, version, applied at, bytes so far) from the subscrib
 from __future__ import annotations
 
 import multiprocessing
+import os
 import resource
 import threading
 import time
@@ -33,18 +34,21 @@ def _quiet_logs() -> None:
 
 
 def agent_worker(specs: list[dict[str, Any]], queue: Any, stop: Any) -> None:
-    """Several agents, each with its own ZeroMQ context as on a robot's PC (many DEALERs on one
-    context's I/O thread crash libzmq 4.3.5 here: ``Assertion failed: _input_stopped``,
-    zeromq/libzmq#3937); reports every version each one applies."""
+    """Several agents sharing one ZeroMQ context (one I/O thread, not one per agent: a thousand
+    agents on two cores); reports every version each one applies."""
+    import zmq
 
     from zk0.agent.distribution.subscriber import AdapterSubscriber, SubscriberOptions
     from zk0.shared.config import AgentKeys, HubAddress
     from zk0.shared.processes import raise_open_files_limit
 
     _quiet_logs()
-    # An eventfd per ZeroMQ socket and a TCP connection per SUB and DEALER: 1,024 open files
-    # (the default soft limit) hold about 120 agents.
-    raise_open_files_limit(2 * SOCKETS_PER_AGENT * len(specs) + 64)
+    # libzmq's default of 1,023 sockets per context holds about 170 agents, and an eventfd per
+    # socket plus two TCP connections per agent in 1,024 open files (the default) about 120.
+    sockets = SOCKETS_PER_AGENT * len(specs) + 64
+    raise_open_files_limit(2 * sockets)
+    context: zmq.Context[Any] = zmq.Context(io_threads=1)
+    context.set(zmq.MAX_SOCKETS, sockets)
     subscribers: list[AdapterSubscriber] = []
 
     def report(agent_id: str, index: int) -> Any:
@@ -65,6 +69,7 @@ def agent_worker(specs: list[dict[str, Any]], queue: Any, stop: Any) -> None:
             on_new_version=report(spec["agent_id"], index),
             options=SubscriberOptions(keep_versions=2),  # what an agent's store retains
             insecure=keys is None,
+            context=context,
         )
         subscribers.append(subscriber)
     for subscriber in subscribers:
@@ -72,6 +77,7 @@ def agent_worker(specs: list[dict[str, Any]], queue: Any, stop: Any) -> None:
     stop.wait()
     for subscriber in subscribers:
         subscriber.stop()
+    context.term()
 
 
 def _usage() -> dict[str, float]:
@@ -87,7 +93,9 @@ def _usage() -> dict[str, float]:
     return {"cpu_s": own.ru_utime + own.ru_stime, "peak_rss_mb": peak_kb / 1024}
 
 
-def hub_process(store_root: str, keys: dict[str, str] | None, conn: Any) -> None:
+def hub_process(
+    store_root: str, keys: dict[str, str] | None, heartbeat_s: float, conn: Any
+) -> None:
     """A hub's DistributionServer, driven over ``conn``: ("publish", v), ("usage",), ("stop",)."""
     from zk0.hub.distribution import DistributionServer
     from zk0.shared.config import HubKeys
@@ -98,7 +106,10 @@ def hub_process(store_root: str, keys: dict[str, str] | None, conn: Any) -> None
     raise_open_files_limit()  # as ``zk0-hub run`` does
     hub_keys = HubKeys.model_validate(keys) if keys else None
     server = DistributionServer(
-        AdapterStore(Path(store_root)), keys=hub_keys, insecure=hub_keys is None
+        AdapterStore(Path(store_root)),
+        keys=hub_keys,
+        insecure=hub_keys is None,
+        heartbeat_s=heartbeat_s,
     ).start()
     conn.send((server.publish_port, server.fetch_port))
     try:
@@ -108,7 +119,7 @@ def hub_process(store_root: str, keys: dict[str, str] | None, conn: Any) -> None
                 server.publish(args[0])
                 conn.send(None)
             elif command == "usage":
-                conn.send(_usage())
+                conn.send({**_usage(), "dropped_requests": server.replies.dropped})
             else:
                 break
     finally:
@@ -119,11 +130,11 @@ def hub_process(store_root: str, keys: dict[str, str] | None, conn: Any) -> None
 class Hub:
     """The bench's handle on its hub process."""
 
-    def __init__(self, store_root: Path, keys: dict[str, str] | None) -> None:
+    def __init__(self, store_root: Path, keys: dict[str, str] | None, heartbeat_s: float) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self.process = ctx.Process(
-            target=hub_process, args=(str(store_root), keys, child), daemon=True
+            target=hub_process, args=(str(store_root), keys, heartbeat_s, child), daemon=True
         )
         self.process.start()
         if not self._conn.poll(60):
@@ -132,6 +143,8 @@ class Hub:
 
     def _ask(self, *command: Any) -> Any:
         self._conn.send(command)
+        if not self._conn.poll(60):
+            raise TimeoutError(f"the bench's hub process did not answer {command[0]!r} in 60 s")
         return self._conn.recv()
 
     def publish(self, version: int) -> None:
@@ -144,6 +157,16 @@ class Hub:
         usage = dict(self._ask("stop"))
         self.process.join(30)
         return usage
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU seconds of these processes so far (``/proc/<pid>/stat``)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total / ticks
 
 
 class SystemMemory:

@@ -21,6 +21,7 @@ the full-size base is never written to disk, only its LoRA shapes matter here.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import queue as queue_module
@@ -34,7 +35,7 @@ from typing import Annotated, Any
 import typer
 
 from zk0.shared.cli import RobotOption
-from zk0.shared.config import DEFAULT_ROBOT_CONFIG
+from zk0.shared.config import DEFAULT_ROBOT_CONFIG, HubConfig
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -98,13 +99,19 @@ class AdapterMaker:
 
 
 def measure(
-    maker: AdapterMaker, agents: int, curve: bool, rounds: int, per_process: int, root: Path
+    maker: AdapterMaker,
+    agents: int,
+    curve: bool,
+    rounds: int,
+    per_process: int,
+    heartbeat_s: float,
+    root: Path,
 ) -> dict[str, Any]:
     """One fresh fleet: ``rounds`` publishes, publish -> applied per agent per round, and the
     hub process's CPU seconds per version and peak memory."""
-    from zk0.bench._distribution_fleet import Hub, SystemMemory, agent_worker
+    from zk0.bench._distribution_fleet import Hub, SystemMemory, agent_worker, cpu_seconds
     from zk0.shared.config import HubKeys
-    from zk0.shared.distribution.keys import AllowList, create_keypair
+    from zk0.shared.distribution.keys import create_keypair
     from zk0.shared.store import AdapterStore
 
     memory = SystemMemory()
@@ -124,17 +131,18 @@ def measure(
         agent_id = f"bench-{i:04d}"
         agent_keys = None
         if hub_keys is not None:
+            # The public half is written straight into the allow-list, as ``zk0-hub keys add``
+            # would leave it (``AllowList.add`` rescans the folder per key: minutes at 1,000).
             secret = root / "keys" / f"{agent_id}.key_secret"
-            public = root / "keys" / f"{agent_id}.key"
+            public = hub_keys.allow_list_dir / f"{agent_id}.key"
             create_keypair(secret, public, agent_id)
-            AllowList(hub_keys.allow_list_dir).add(agent_id, public)
             agent_keys = {
                 "curve_secret": str(secret),
                 "curve_public": str(public),
                 "hub_curve_public": str(hub_keys.curve_public),
             }
         specs.append({"agent_id": agent_id, "store": str(root / agent_id), "keys": agent_keys})
-    hub = Hub(root / "hub", hub_keys.model_dump(mode="json") if hub_keys else None)
+    hub = Hub(root / "hub", hub_keys.model_dump(mode="json") if hub_keys else None, heartbeat_s)
     for spec in specs:
         spec["hub"] = {"host": "127.0.0.1", "publish_port": hub.publish_port,
                        "fetch_port": hub.fetch_port}  # fmt: skip
@@ -162,14 +170,19 @@ def measure(
         app_bytes: list[int] = []
         loopback: list[float] = []
         hub_cpu: list[float] = []
+        agents_cpu: list[float] = []
+        windows: list[float] = []  # publish -> the last agent applied
+        worker_pids = [w.pid for w in workers if w.pid is not None]
         last_bytes: dict[str, int] = {}
         for version in versions[1:]:
             time.sleep(0.5)  # let statuses settle between rounds
-            before = hub.usage()["cpu_s"]
+            before, agents_before = hub.usage()["cpu_s"], cpu_seconds(worker_pids)
             lo_before, t0 = _loopback_bytes(), time.monotonic()
             hub.publish(version)
             reports = _collect(queue, agents, version, t0, timeout_s, watched)
             hub_cpu.append(hub.usage()["cpu_s"] - before)
+            windows.append(max(at for _, at, _ in reports) - t0)
+            agents_cpu.append(cpu_seconds(worker_pids) - agents_before)
             loopback.append((_loopback_bytes() - lo_before) / agents)
             for agent_id, applied_at, total in reports:
                 latencies.append(applied_at - t0)
@@ -180,17 +193,25 @@ def measure(
         stop.set()
         for worker in workers:
             worker.join(60)
+        dropped = hub.usage()["dropped_requests"]
         hub_final = hub.stop()
     return {
         "agents": agents,
         "curve": curve,
+        "heartbeat_s": heartbeat_s,
         "worker_processes": len(workers),
         "adapter_bytes": store.manifest(versions[-1]).adapter_bytes,
         "latencies_s": latencies,
         "app_bytes": app_bytes,
         "loopback_bytes": loopback,
         "hub_cpu_s_per_version": hub_cpu,
+        # The serving's own cost: what the hub spent beyond its at-rest rate (statuses).
+        "hub_serving_cpu_s_per_version": [
+            cpu - hub_idle * window for cpu, window in zip(hub_cpu, windows, strict=True)
+        ],
         "hub_idle_cpu_s_per_s": hub_idle,
+        "agents_cpu_s_per_version": agents_cpu,
+        "hub_dropped_requests": dropped,
         "hub_peak_rss_mb": hub_final["peak_rss_mb"],
         **memory.stop(),
     }
@@ -204,6 +225,7 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "agents": samples[0]["agents"],
         "curve": samples[0]["curve"],
+        "heartbeat_s": samples[0]["heartbeat_s"],
         "worker_processes": samples[0]["worker_processes"],
         "adapter_bytes": samples[0]["adapter_bytes"],
         "samples": len(latencies),
@@ -215,11 +237,59 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "hub_cpu_s_per_version": statistics.median(
             [x for s in samples for x in s["hub_cpu_s_per_version"]]
         ),
+        "hub_serving_cpu_s_per_version": statistics.median(
+            [x for s in samples for x in s["hub_serving_cpu_s_per_version"]]
+        ),
         "hub_idle_cpu_s_per_s": statistics.median(s["hub_idle_cpu_s_per_s"] for s in samples),
+        "hub_dropped_requests": sum(s["hub_dropped_requests"] for s in samples),
+        "agents_cpu_s_per_version": statistics.median(
+            [x for s in samples for x in s["agents_cpu_s_per_version"]]
+        ),
         "hub_peak_rss_mb": max(s["hub_peak_rss_mb"] for s in samples),
         "system_memory_peak_gb": max(s["system_memory_peak_gb"] for s in samples),
         "system_memory_before_gb": min(s["system_memory_before_gb"] for s in samples),
     }
+
+
+def _result(
+    samples: dict[tuple[int, bool], list[dict[str, Any]]],
+    failed: list[dict[str, Any]],
+    curves: list[bool],
+    sizes: list[int],
+    rounds: int,
+    repeats: int,
+) -> dict[str, Any]:
+    """The JSON of the fleets measured so far (``complete`` once every one has run)."""
+    runs = [summarize(group) for group in samples.values()]
+    result: dict[str, Any] = {
+        "runs": runs,
+        "failed": failed,
+        "complete": len(runs) + len(failed) == len(sizes) * len(curves) and not failed,
+        "adapter_bytes": runs[0]["adapter_bytes"] if runs else None,
+        "rounds": rounds,
+        "repeats": repeats,
+    }
+    by = {(r["agents"], r["curve"]): r for r in runs}
+    for (size, curve), run in by.items():
+        suffix = "" if curve else "_plain"
+        result[f"p50_publish_to_applied_s_{size}_agents{suffix}"] = run["p50_s"]
+        result[f"p95_publish_to_applied_s_{size}_agents{suffix}"] = run["p95_s"]
+        result[f"bytes_on_wire_per_agent_per_version_{size}_agents{suffix}"] = run[
+            "app_bytes_per_agent_per_version"
+        ]
+        if curve and (size, False) in by:
+            plain = by[(size, False)]
+            result[f"curve_over_plain_latency_{size}_agents"] = run["p50_s"] / plain["p50_s"]
+    headline = 10 if 10 in sizes else max(sizes)
+    result["headline_agents"] = headline
+    if f"curve_over_plain_latency_{headline}_agents" in result:
+        result["curve_over_plain_latency"] = result[f"curve_over_plain_latency_{headline}_agents"]
+    if runs:
+        result["bytes_on_wire_per_agent_per_version"] = runs[0]["app_bytes_per_agent_per_version"]
+        result["app_bytes_per_agent_per_version"] = max(
+            r["app_bytes_per_agent_per_version"] or 0 for r in runs if r["curve"] == curves[0]
+        )
+    return result
 
 
 def _collect(
@@ -255,9 +325,16 @@ def main(
         int, typer.Option(min=1, help="Agents one worker process holds.")
     ] = 100,
     modes: Annotated[str, typer.Option(help="curve, plain or both.")] = "both",
+    heartbeat_s: Annotated[
+        float, typer.Option(min=0.01, help="The hub's heartbeat (hub.yaml heartbeat_s).")
+    ] = HubConfig.model_fields["heartbeat_s"].default,
     robot_config: RobotOption = DEFAULT_ROBOT_CONFIG,
     workdir: Annotated[
-        Path | None, typer.Option(help="Scratch folder (default: a temp dir).")
+        Path | None,
+        typer.Option(
+            help="Scratch folder (default: a temp dir). Every simulated agent's store is here: on "
+            "one disk, a thousand agents' fsyncs queue behind each other (tmpfs: /dev/shm)."
+        ),
     ] = None,
 ) -> None:
     """Publish -> applied latency (p50, p95) and bytes per agent, CURVE on and off."""
@@ -275,50 +352,41 @@ def main(
     maker = AdapterMaker(robot_config)
     scratch = Path(tempfile.mkdtemp(prefix="zk0-bench-dist-", dir=workdir))
     samples: dict[tuple[int, bool], list[dict[str, Any]]] = {}
+    failed: list[dict[str, Any]] = []
     try:  # modes interleaved per size, so that load on a shared host hits both alike
         for size in sizes:
             for rep in range(repeats):
                 for curve in curves:
                     folder = scratch / f"{'curve' if curve else 'plain'}-{size}-{rep}"
-                    run = measure(maker, size, curve, rounds, agents_per_process, folder)
-                    samples.setdefault((size, curve), []).append(run)
+                    try:
+                        run = measure(
+                            maker, size, curve, rounds, agents_per_process, heartbeat_s, folder
+                        )
+                        samples.setdefault((size, curve), []).append(run)
+                    except (TimeoutError, RuntimeError) as error:  # the next size may still run
+                        failed.append({"agents": size, "curve": curve, "error": str(error)})
                     shutil.rmtree(folder, ignore_errors=True)
+                    if json_path is not None:  # a long run leaves what it measured so far
+                        partial = _result(samples, failed, curves, sizes, rounds, repeats)
+                        partial["workdir"] = str(workdir or tempfile.gettempdir())
+                        json_path.parent.mkdir(parents=True, exist_ok=True)
+                        json_path.write_text(json.dumps(partial, indent=2) + "\n")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    runs = [summarize(group) for group in samples.values()]
-    result: dict[str, Any] = {
-        "runs": runs,
-        "adapter_bytes": runs[0]["adapter_bytes"],
-        "rounds": rounds,
-        "repeats": repeats,
-    }
-    by = {(r["agents"], r["curve"]): r for r in runs}
-    for (size, curve), run in by.items():
-        suffix = "" if curve else "_plain"
-        result[f"p50_publish_to_applied_s_{size}_agents{suffix}"] = run["p50_s"]
-        result[f"p95_publish_to_applied_s_{size}_agents{suffix}"] = run["p95_s"]
-        result[f"bytes_on_wire_per_agent_per_version_{size}_agents{suffix}"] = run[
-            "app_bytes_per_agent_per_version"
-        ]
-        if curve and (size, False) in by:
-            plain = by[(size, False)]
-            result[f"curve_over_plain_latency_{size}_agents"] = run["p50_s"] / plain["p50_s"]
-    headline = 10 if 10 in sizes else max(sizes)
-    if f"curve_over_plain_latency_{headline}_agents" in result:
-        result["curve_over_plain_latency"] = result[f"curve_over_plain_latency_{headline}_agents"]
-    result["bytes_on_wire_per_agent_per_version"] = runs[0]["app_bytes_per_agent_per_version"]
-    result["app_bytes_per_agent_per_version"] = max(
-        r["app_bytes_per_agent_per_version"] or 0 for r in runs if r["curve"] == curves[0]
-    )
+    result = _result(samples, failed, curves, sizes, rounds, repeats)
     result["load_average_1min"] = {"start": load_start, "end": os.getloadavg()[0]}
+    result["workdir"] = str(workdir or tempfile.gettempdir())
+    runs = result["runs"]
     summary = "distribution: {:.2f} MB adapter; ".format(result["adapter_bytes"] / 1e6) + "; ".join(
         f"{r['agents']} agents {'CURVE' if r['curve'] else 'plain'} "
         f"p50 {r['p50_s']:.2f} s p95 {r['p95_s']:.2f} s hub {r['hub_cpu_s_per_version']:.2f} "
         f"CPU-s/version {r['hub_peak_rss_mb']:.0f} MB"
         for r in runs
     )
+    summary += "".join(f"; {f['agents']} agents failed: {f['error']}" for f in failed)
     if "curve_over_plain_latency" in result:
         summary += (
-            f"; CURVE/plain p50 at {headline} agents {result['curve_over_plain_latency']:.2f}"
+            f"; CURVE/plain p50 at {result['headline_agents']} agents "
+            f"{result['curve_over_plain_latency']:.2f}"
         )
     write_result(json_path, result, summary)
