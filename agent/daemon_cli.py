@@ -132,7 +132,9 @@ def register(app: typer.Typer) -> None:
         """The robot-workstation daemon (what the systemd unit runs): arm, policy, recorder,
         adapter updates, Flower SuperNode, control socket. Stops cleanly on SIGTERM."""
         from zk0.agent.service import AgentService
+        from zk0.shared.processes import raise_open_files_limit
 
+        raise_open_files_limit()  # dataset and video files, the round worker's sockets
         AgentService(load_agent_config(config)).run()
 
     @app.command("status")

@@ -51,7 +51,7 @@ from zk0.shared.config import AgentCompute, AgentConfig, AgentKeys, robot_config
 from zk0.shared.control import ControlServer, RefusedError
 from zk0.shared.federation import NodeSettings
 from zk0.shared.logs import OUTPUTS_ENV, new_run_dir, setup_logging
-from zk0.shared.processes import Supervised, free_port, process_alive, raise_open_files_limit
+from zk0.shared.processes import Supervised, free_port, process_alive
 from zk0.shared.sdnotify import Watchdog, credential_path, handle_sigterm, notify, service_dirs
 
 LOOP_TICK_S = 0.2
@@ -102,7 +102,6 @@ class AgentService:
         )
         run_dir = new_run_dir(logs)
         setup_logging(run_dir, "agent", self.config.agent_id)
-        raise_open_files_limit()  # dataset files, video decoders, sockets of the round worker
         self.state_dir = state
         self.log_dir = run_dir / "agents" / self.config.agent_id
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

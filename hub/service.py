@@ -47,7 +47,7 @@ from zk0.shared.control import ControlServer, RefusedError
 from zk0.shared.flower_keys import TlsFiles
 from zk0.shared.hub_control import RunOutcome
 from zk0.shared.logs import OUTPUTS_ENV, new_run_dir, setup_logging
-from zk0.shared.processes import Supervised, raise_open_files_limit
+from zk0.shared.processes import Supervised
 from zk0.shared.sdnotify import Watchdog, credential_path, handle_sigterm, notify, service_dirs
 from zk0.shared.store import AdapterStore
 
@@ -137,7 +137,6 @@ class HubService:
         faulthandler.enable()  # the watchdog's SIGABRT then shows where every thread hung
         stop = handle_sigterm()
         setup_logging(self.log_dir, "hub")
-        raise_open_files_limit()  # two connections per agent: a 1,000-arm fleet needs >2,000
         try:
             self._start()
             self._status_line = self._status_text()

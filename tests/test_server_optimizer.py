@@ -126,7 +126,10 @@ def test_none_leaves_the_aggregation_untouched() -> None:
     x0, rounds = _arrays(0), _client_rounds(1)
     (result,) = _strategy_rounds(strategy, x0, rounds)
     expected = aggregate("fedavg", [ClientUpdate(str(n), a, n) for a, n in rounds[0]], x0)
-    assert all(np.array_equal(result[n], expected[n]) for n in x0)
+    # The strategy averages rows in one matrix product, aggregate() tensor by tensor: float32
+    # rounding may differ in the last place with the CPU's BLAS kernels, a server step by far more.
+    for name in x0:
+        np.testing.assert_allclose(result[name], expected[name], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.usefixtures("task_identity")

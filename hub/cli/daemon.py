@@ -41,7 +41,9 @@ def run(config: ConfigOption) -> None:
     """The hub daemon: Flower SuperLink, adapter distribution and run scheduling, until
     SIGTERM (systemd's zk0-hub.service runs this)."""
     from zk0.hub.service import HubService
+    from zk0.shared.processes import raise_open_files_limit
 
+    raise_open_files_limit()  # two connections per agent: a 1,000-arm fleet needs over 2,000
     hub = load_hub_config(config)
     try:
         HubService(hub, config).serve_forever()
