@@ -46,7 +46,7 @@ def agent_worker(specs: list[dict[str, Any]], queue: Any, stop: Any) -> None:
     # libzmq's default of 1,023 sockets per context holds about 170 agents, and an eventfd per
     # socket plus two TCP connections per agent in 1,024 open files (the default) about 120.
     sockets = SOCKETS_PER_AGENT * len(specs) + 64
-    raise_open_files_limit(2 * sockets)
+    raise_open_files_limit(2 * sockets, needed=2 * sockets)
     context: zmq.Context[Any] = zmq.Context(io_threads=1)
     context.set(zmq.MAX_SOCKETS, sockets)
     subscribers: list[AdapterSubscriber] = []

@@ -50,23 +50,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(probe.getsockname()[1])
 
 
-#: Open files a daemon asks for: a hub holds two TCP connections per agent (announces and
-#: fetches) and libzmq an eventfd per socket, so 1,000 agents need over 2,000 descriptors.
-OPEN_FILES_WANTED = 65536
+#: Open files a daemon asks for, and below which it warns: a hub holds two TCP connections per
+#: agent (announces and fetches) and libzmq an eventfd per socket, so 1,000 agents need over
+#: 2,000 descriptors.
+OPEN_FILES_WANTED, OPEN_FILES_NEEDED = 65536, 4096
 
 
-def raise_open_files_limit(wanted: int = OPEN_FILES_WANTED) -> int:
+def raise_open_files_limit(wanted: int = OPEN_FILES_WANTED, needed: int = OPEN_FILES_NEEDED) -> int:
     """Raise the soft ``RLIMIT_NOFILE`` towards ``wanted`` (never above the hard limit, never
-    lower); returns the soft limit now in force. systemd starts services at a soft limit of
-    1,024 and expects those that need more to raise it themselves (their units also set
-    ``LimitNOFILE=``)."""
+    lower); returns the soft limit now in force, and warns if it stays below ``needed``.
+    systemd starts services at a soft limit of 1,024 and expects those that need more to raise
+    it themselves (their units also set ``LimitNOFILE=``)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if target > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = target
-    if soft < wanted:
-        logger.warning("open files limited to {} (hard limit); {} wanted", soft, wanted)
+    if soft < needed:
+        logger.warning("open files limited to {} (the hard limit); {} needed", soft, needed)
     return soft
 
 
