@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import resource
 import threading
 import time
 from pathlib import Path
@@ -81,16 +80,15 @@ def agent_worker(specs: list[dict[str, Any]], queue: Any, stop: Any) -> None:
 
 
 def _usage() -> dict[str, float]:
-    """This process's CPU seconds (every thread) and peak resident memory so far.
+    """This process's peak resident memory so far (its CPU seconds: ``cpu_seconds``).
 
     The peak is ``VmHWM``, not ``ru_maxrss``: Linux carries ``ru_maxrss`` across the exec of a
     spawned child, so it would report the bench process's own peak at the fork."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
     status = Path("/proc/self/status").read_text()
     peak_kb = next(
         int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")
     )
-    return {"cpu_s": own.ru_utime + own.ru_stime, "peak_rss_mb": peak_kb / 1024}
+    return {"peak_rss_mb": peak_kb / 1024}
 
 
 def hub_process(

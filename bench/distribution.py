@@ -162,10 +162,11 @@ def measure(
     try:
         _collect(queue, agents, versions[0], time.monotonic(), timeout_s, watched)
         time.sleep(2.0)  # let the first statuses settle, then time the hub at rest
-        idle_before, idle_t0 = hub.usage(), time.monotonic()
+        hub_pid = [hub.process.pid or 0]
+        idle_before, idle_t0 = cpu_seconds(hub_pid), time.monotonic()
         time.sleep(5.0)
         idle_s = time.monotonic() - idle_t0
-        hub_idle = (hub.usage()["cpu_s"] - idle_before["cpu_s"]) / idle_s
+        hub_idle = (cpu_seconds(hub_pid) - idle_before) / idle_s
         latencies: list[float] = []
         app_bytes: list[int] = []
         loopback: list[float] = []
@@ -176,11 +177,11 @@ def measure(
         last_bytes: dict[str, int] = {}
         for version in versions[1:]:
             time.sleep(0.5)  # let statuses settle between rounds
-            before, agents_before = hub.usage()["cpu_s"], cpu_seconds(worker_pids)
+            before, agents_before = cpu_seconds(hub_pid), cpu_seconds(worker_pids)
             lo_before, t0 = _loopback_bytes(), time.monotonic()
             hub.publish(version)
             reports = _collect(queue, agents, version, t0, timeout_s, watched)
-            hub_cpu.append(hub.usage()["cpu_s"] - before)
+            hub_cpu.append(cpu_seconds(hub_pid) - before)
             windows.append(max(at for _, at, _ in reports) - t0)
             agents_cpu.append(cpu_seconds(worker_pids) - agents_before)
             loopback.append((_loopback_bytes() - lo_before) / agents)
