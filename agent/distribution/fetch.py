@@ -10,12 +10,19 @@ point leaves a partial folder that the next start deletes: never a version, neve
 The manifest is held to the agent's ``DistributionLimits`` (size, file count) before any chunk
 is asked for, and chunk requests are made only as credit frees up, one file cursor at a time:
 what a download holds in memory does not grow with what the hub declares.
+
+An unanswered download is never dropped for silence, and keeps every chunk it has: it asks
+again for what is in flight after ``patience_s``, which follows the hub's reply time (4x its
+smoothed value, never under ``request_timeout_s``), doubles after each unanswered re-ask up to
+``max_request_timeout_s``, and is jittered by +-25 %. A thousand agents a busy hub serves slowly
+then wait longer instead of re-asking in step, which would only add duplicates to its queue.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
 import time
 from collections.abc import Iterable
@@ -95,13 +102,16 @@ class Download:
         self.manifest: Manifest | None = None
         self._manifest_bytes = b""
         self._plan = ChunkPlan((), chunk_bytes)
-        self._outstanding: dict[tuple[str, int], tuple[int, float]] = {}
+        #: (file, offset) -> (length, sent at, asked more than once)
+        self._outstanding: dict[tuple[str, int], tuple[int, float, bool]] = {}
         self._fds: dict[str, int] = {}
         self.manifest_sent_at = 0.0
         self.last_progress = time.monotonic()
         self.fetched_bytes = 0
         self.local_bytes = 0
-        self.retries = 0
+        self.retries = 0  # re-asks since the last reply
+        self.reply_s: float | None = None  # smoothed reply time of chunks asked for once
+        self._jitter = 1.0
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -117,7 +127,7 @@ class Download:
         credit = min(self.credit, self.limits.max_chunks_in_flight)
         while not self._plan.done and len(self._outstanding) < credit:
             name, offset, length = self._plan.next()
-            self._outstanding[(name, offset)] = (length, now)
+            self._outstanding[(name, offset)] = (length, now, False)
             requests.append(self._request(name, offset, length))
         return requests
 
@@ -127,9 +137,20 @@ class Download:
         self.last_progress = now
         if self.manifest is None:
             return [self.manifest_request()]
-        for key, (length, _) in self._outstanding.items():
-            self._outstanding[key] = (length, now)
-        return [self._request(name, off, n) for (name, off), (n, _) in self._outstanding.items()]
+        for key, (length, _, _) in self._outstanding.items():
+            self._outstanding[key] = (length, now, True)
+        return [self._request(name, off, n) for (name, off), (n, _, _) in self._outstanding.items()]
+
+    def patience_s(self, request_timeout_s: float, max_request_timeout_s: float) -> float:
+        """How long to wait for a reply before asking again (see the module's docstring)."""
+        usual = max(request_timeout_s, 4 * (self.reply_s or 0.0))
+        return min(usual * 2.0**self.retries, max_request_timeout_s) * self._jitter
+
+    def ask_again(self) -> list[p.GetManifest] | list[p.GetChunk]:
+        """The hub did not answer within ``patience_s``: wait twice as long next time."""
+        self.retries += 1
+        self._jitter = random.uniform(0.75, 1.25)
+        return self.outstanding_requests()
 
     def _request(self, name: str, offset: int, length: int) -> p.GetChunk:
         return p.GetChunk(
@@ -243,7 +264,12 @@ class Download:
         del self._outstanding[key]
         os.pwrite(self._fds[reply.file], data, reply.offset)
         self.fetched_bytes += len(data)
-        self.last_progress = time.monotonic()
+        now = time.monotonic()
+        _, sent_at, asked_again = expected
+        if not asked_again:  # a re-asked chunk's reply time is ambiguous (Karn's algorithm)
+            sample = now - sent_at
+            self.reply_s = sample if self.reply_s is None else 0.875 * self.reply_s + sample / 8
+        self.last_progress = now
         self.retries = 0
         return True
 

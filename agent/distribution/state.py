@@ -14,8 +14,10 @@ from zk0.shared.distribution import protocol as p
 class SubscriberOptions:
     chunk_bytes: int = p.DEFAULT_CHUNK_BYTES
     credit: int = 8  # chunk requests in flight per download
-    request_timeout_s: float = 3.0  # no reply for this long: ask again
-    max_retries: int = 3  # then give the download up until the next announce
+    #: No reply for this long (or 4x the hub's usual reply time): ask again for what is in
+    #: flight, waiting twice as long after each unanswered re-ask, up to the maximum.
+    request_timeout_s: float = 3.0
+    max_request_timeout_s: float = 60.0
     keep_versions: int = 8
     refused_retry_s: float = 30.0  # a transfer that failed verification is not refetched sooner
     reconnect_ivl_ms: int = 100

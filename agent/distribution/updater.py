@@ -237,14 +237,17 @@ class Updater:
                 self.send(request)
 
     def check_stall(self) -> None:
+        """Ask again for what is in flight once the hub is silent for longer than the download's
+        patience (backed off and jittered); the chunks already fetched are kept."""
         download = self.download
-        if download is None or not download.stalled(self.options.request_timeout_s):
+        options = self.options
+        if download is None or not download.stalled(
+            download.patience_s(options.request_timeout_s, options.max_request_timeout_s)
+        ):
             return
-        download.retries += 1
-        if download.retries > self.options.max_retries:
-            self.abandon("the hub stopped answering", retry_after_s=self.retry_after_s)
-            return
-        for request in download.outstanding_requests():
+        if download.retries == 0:
+            logger.debug("no reply for version {}: asking again", download.target.version)
+        for request in download.ask_again():
             self.send(request)
 
     # -- install, switch, refuse -------------------------------------------------------------

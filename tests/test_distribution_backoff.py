@@ -1,0 +1,69 @@
+"""An agent whose hub stops answering mid-download backs off and keeps what it fetched.
+
+The agent's ``Updater`` runs for real on real stores; the hub is ``FakeHub`` (no sockets), made
+silent by dropping what the agent asks for, as a hub too busy to read its queue would.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fake_hub import FakeHub
+
+from zk0.agent.distribution.state import StatusBox, SubscriberOptions
+from zk0.agent.distribution.updater import Updater
+from zk0.shared.artifact import reversion_artifact
+from zk0.shared.distribution import protocol as p
+from zk0.shared.store import AdapterStore
+
+
+def test_a_silent_hub_gets_backed_off_re_asks_and_no_chunk_is_fetched_twice(
+    tiny_adapters: list[Path], tmp_path: Path
+) -> None:
+    hub = FakeHub(AdapterStore(tmp_path / "hub"))
+    with hub.store.allocate() as (version, path):
+        reversion_artifact(tiny_adapters[2], path, version=version, parent_version=None)
+    status = StatusBox("arm-a")
+    options = SubscriberOptions(
+        chunk_bytes=4096, credit=2, request_timeout_s=0.05, max_request_timeout_s=0.4
+    )
+    updater = Updater(
+        AdapterStore(tmp_path / "agent"), options, status, hub.send, hub.send_status,
+        None, None, None,
+    )  # fmt: skip
+    updater.consider(hub.offer(0))
+    served: list[tuple[str, int]] = []
+    for _ in range(3):  # the manifest, then two rounds of the credit's two chunks
+        asked = [(r.file, r.offset) for r in hub.requests if isinstance(r, p.GetChunk)]
+        served += asked
+        hub.serve(updater, limit=len(hub.requests))  # the agent asks for the next ones
+    assert len(served) == 4 and status.get().sync == "fetching"
+
+    # The hub goes silent: it reads nothing the agent sends (7 s at the old fixed 3 s
+    # timeout and 3 retries would have thrown the four chunks away).
+    re_asks: list[float] = []
+    started = time.monotonic()
+    while time.monotonic() - started < 2.0:
+        updater.check_stall()
+        if hub.requests:
+            re_asks.append(time.monotonic() - started)
+            hub.requests.clear()
+        time.sleep(0.005)
+    waits = [b - a for a, b in zip([0.0, *re_asks], re_asks, strict=False)]
+    # 0.05, 0.1, 0.2, 0.4, then 0.4 s each (+-25 % jitter): 8 re-asks in 2 s, not 40.
+    assert 5 <= len(re_asks) <= 10, waits
+    assert waits[3] > 2 * waits[0] and min(waits[4:]) > 0.4 * 0.75 - 0.01, waits
+    assert max(waits) < 0.4 * 1.25 + 0.2, waits  # the cap holds (a loaded CI sleeps late)
+    assert updater.download is not None and status.get().sync == "fetching"
+
+    # The hub answers again: the download goes on from where it was; no chunk comes twice.
+    deadline = time.monotonic() + 2.0
+    while status.get().applied is None and time.monotonic() < deadline:
+        updater.check_stall()
+        served += [(r.file, r.offset) for r in hub.requests if isinstance(r, p.GetChunk)]
+        hub.serve(updater, limit=len(hub.requests))
+        time.sleep(0.005)
+    assert status.get().applied == 0 and status.get().sync == "up_to_date"
+    twice = {chunk for chunk in served if served.count(chunk) > 1}
+    assert not twice, f"fetched twice: {sorted(twice)}"
