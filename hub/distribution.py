@@ -92,6 +92,7 @@ class DistributionServer:
             self.allow_list,
             self._latest_for,
             self.gates.may_fetch if self.gates is not None else None,
+            (limits or DistributionLimits()).max_downloads,
         )
         self.limits = limits or DistributionLimits()
         self.replies = ReplyRouter(self.service, self.faults, self.limits, curve=keys is not None)

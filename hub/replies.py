@@ -72,7 +72,7 @@ class ReplyRouter:
             if peer in self._paused:
                 self._drop(user)
                 continue
-            reply = self.service.handle([f.bytes for f in frames[1:]], user)
+            reply = self.service.handle([f.bytes for f in frames[1:]], user, peer)
             try:
                 router.send_multipart([peer, *reply], zmq.NOBLOCK)
             except zmq.Again:  # its queue is full: it does not read what it asked for

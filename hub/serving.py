@@ -4,6 +4,7 @@
 attached to them and returns the reply frames. Every request is checked against the live
 allow-list (so a removed key is refused at once), decoded strictly, and answered from versions
 verified once per hub lifetime; faults are counted and logged, rate-limited per source.
+``Admission`` bounds the downloads served at once.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from zk0.shared.store import AdapterStore
 _REFUSED = re.compile(r"^refused v(\d+): ")
 _FAULT_LOG_WINDOW_S = 10.0
 _FAULT_LOG_PER_WINDOW = 5
+#: A busy hub tells an agent to ask for its manifest again after this long (it adds jitter).
+BUSY_RETRY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,50 @@ class VersionCache:
         self._served.pop(version, None)
 
 
-def _error(code: p.ErrorCode, detail: str, version: int | None = None) -> list[bytes]:
-    return p.encode(p.ErrorReply(code=code, detail=detail[:300], version=version))
+class Admission:
+    """The downloads the hub serves at once (``DistributionLimits.max_downloads``).
+
+    A manifest request opens a download unless ``limit`` others are open; the agent is then
+    told it is busy. A chunk request keeps its download open, opening it if need be: a download
+    under way is never cut. A download closes when its agent's status no longer says
+    ``fetching``, or after ``idle_s`` without a request (an agent that went away). The chunk
+    requests queued at the hub are then at most ``limit`` x the agents' credit, whatever the
+    fleet's size, so each waits seconds, not minutes, and agents do not ask twice.
+    """
+
+    def __init__(self, limit: int, idle_s: float = 30.0) -> None:
+        self.limit, self.idle_s = limit, idle_s
+        self._open: dict[str, float] = {}  # agent -> monotonic time of its last request
+        self.refused = 0
+
+    def admit(self, who: str) -> bool:
+        now = time.monotonic()
+        if who not in self._open and len(self._open) >= self.limit:
+            self._open = {w: t for w, t in self._open.items() if now - t < self.idle_s}
+            if len(self._open) >= self.limit:
+                self.refused += 1
+                return False
+        self._open[who] = now
+        return True
+
+    def keep(self, who: str) -> None:
+        self._open[who] = time.monotonic()
+
+    def close(self, who: str) -> None:
+        self._open.pop(who, None)
+
+    @property
+    def open(self) -> int:
+        return len(self._open)
+
+
+def _error(
+    code: p.ErrorCode, detail: str, version: int | None = None, retry_after_s: float | None = None
+) -> list[bytes]:
+    reply = p.ErrorReply(
+        code=code, detail=detail[:300], version=version, retry_after_s=retry_after_s
+    )
+    return p.encode(reply)
 
 
 class FetchService:
@@ -122,12 +167,14 @@ class FetchService:
         allow_list: AllowList | None,
         latest: Callable[[str], p.Latest],
         may_fetch: Callable[[str | None, int], bool] | None = None,
+        max_downloads: int = 64,
     ) -> None:
         """``allow_list`` None means plain mode (no CURVE): agents are who they say they are.
         ``latest(agent_id)`` answers a status; ``may_fetch(agent_id, version)`` (canary gate)
         says whether that agent may have that version (None: any stored version)."""
         self.cache, self.fleet, self.faults = cache, fleet, faults
         self.allow_list, self.latest, self.may_fetch = allow_list, latest, may_fetch
+        self.admission = Admission(max_downloads)
         self.bytes_served = 0
 
     def source(self, user_id: str | None) -> tuple[str | None, str]:
@@ -139,9 +186,10 @@ class FetchService:
         agent_id = self.allow_list.agent_for(user_id.encode())
         return agent_id, f"agent {agent_id}" if agent_id else f"key {key_id(user_id.encode())}"
 
-    def handle(self, frames: list[bytes], user_id: str | None) -> list[bytes]:
-        """The reply to one request (``frames`` without the routing frame)."""
+    def handle(self, frames: list[bytes], user_id: str | None, peer: bytes = b"") -> list[bytes]:
+        """The reply to one request (``frames`` without the routing frame ``peer``)."""
         agent_id, source = self.source(user_id)
+        who = agent_id or peer.hex()  # whose download (plain mode: the connection's)
         if self.allow_list is not None and agent_id is None:
             self.faults.record("fetch", source, "request from a key that is not in the allow-list")
             return _error("denied", "this agent's key is not in the hub's allow-list")
@@ -155,6 +203,8 @@ class FetchService:
                 self.faults.record("fetch", source, f"status claims to be {message.agent_id!r}")
                 return _error("bad_request", "agent_id does not match the key you connect with")
             self._on_status(message, key_id(user_id.encode()) if user_id else "-")
+            if message.sync != "fetching":
+                self.admission.close(who)
             return p.encode(self.latest(message.agent_id))
         if agent_id is not None:
             self.fleet.seen(agent_id)
@@ -165,6 +215,13 @@ class FetchService:
             served = self.cache.get(message.version)
             if served is None or served.artifact_id != message.artifact_id:
                 return _error("unknown_version", "no such version/artifact id", message.version)
+            if not self.admission.admit(who):
+                return _error(
+                    "busy",
+                    f"{self.admission.open} downloads in flight (max_downloads); ask again later",
+                    message.version,
+                    BUSY_RETRY_S,
+                )
             self.bytes_served += len(served.manifest_bytes)
             reply = p.ManifestReply(
                 version=served.version,
@@ -173,6 +230,7 @@ class FetchService:
             )
             return p.encode(reply)
         assert isinstance(message, p.GetChunk)
+        self.admission.keep(who)
         return self._chunk(message, source)
 
     def _chunk(self, request: p.GetChunk, source: str) -> list[bytes]:

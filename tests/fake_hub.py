@@ -14,6 +14,7 @@ class FakeHub:
     def __init__(self, store: AdapterStore) -> None:
         self.store = store
         self.requests: list[p.Message] = []
+        self.served: list[p.Message] = []  # requests answered, in order
         self.statuses = 0
 
     def send(self, message: p.Message) -> bool:
@@ -42,6 +43,7 @@ class FakeHub:
         served = 0
         while self.requests and (limit is None or served < limit):
             served += 1
+            self.served.append(self.requests[0])
             request = self.requests.pop(0)
             folder = self.store.path(request.version)  # type: ignore[attr-defined]
             if isinstance(request, p.GetManifest):

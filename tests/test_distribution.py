@@ -80,6 +80,27 @@ def test_every_agent_converges_to_each_published_version(rig: Any) -> None:
     )
 
 
+def test_a_hub_serving_one_download_at_a_time_brings_every_agent_to_the_version(
+    rig: Any,
+) -> None:
+    from zk0.agent.distribution.state import SubscriberOptions
+    from zk0.shared.distribution.limits import DistributionLimits
+
+    server = rig.start_hub(limits=DistributionLimits(max_downloads=1))
+    server.publish(rig.new_version())
+    slow = SubscriberOptions(chunk_bytes=4096, throttle_s=0.01)  # each download takes ~0.2 s
+    agents = [rig.subscriber(f"arm-{i}", server, options=slow) for i in range(4)]
+    seen_queued: set[int] = set()
+
+    def done() -> bool:
+        seen_queued.update(i for i, a in enumerate(agents) if a.status().sync == "queued")
+        return all(a.status().applied == 0 for a in agents)
+
+    wait_until(done, what="every agent to get version 0, one download at a time")
+    assert server.service.admission.refused > 0 and seen_queued  # some were told to wait
+    assert all(a.status().error is None for a in agents)
+
+
 def test_offline_agent_serves_its_version_at_once_then_catches_up(rig: Any) -> None:
     server = rig.start_hub()
     server.publish(rig.new_version())

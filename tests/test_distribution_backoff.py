@@ -1,4 +1,5 @@
-"""An agent whose hub stops answering mid-download backs off and keeps what it fetched.
+"""An agent whose hub stops answering mid-download probes it less and less often and keeps
+what it fetched; a request the hub dropped is found by the reply to a later one.
 
 The agent's ``Updater`` runs for real on real stores; the hub is ``FakeHub`` (no sockets), made
 silent by dropping what the agent asks for, as a hub too busy to read its queue would.
@@ -18,21 +19,28 @@ from zk0.shared.distribution import protocol as p
 from zk0.shared.store import AdapterStore
 
 
-def test_a_silent_hub_gets_backed_off_re_asks_and_no_chunk_is_fetched_twice(
-    tiny_adapters: list[Path], tmp_path: Path
-) -> None:
+def _fetching(
+    tiny_adapters: list[Path], tmp_path: Path, **options: float
+) -> tuple[FakeHub, Updater, StatusBox]:
+    """An agent asking a hub for its version 0 (a real tiny adapter) in 4 kB chunks."""
     hub = FakeHub(AdapterStore(tmp_path / "hub"))
     with hub.store.allocate() as (version, path):
         reversion_artifact(tiny_adapters[2], path, version=version, parent_version=None)
     status = StatusBox("arm-a")
-    options = SubscriberOptions(
-        chunk_bytes=4096, credit=2, request_timeout_s=0.05, max_request_timeout_s=0.4
-    )
     updater = Updater(
-        AdapterStore(tmp_path / "agent"), options, status, hub.send, hub.send_status,
-        None, None, None,
+        AdapterStore(tmp_path / "agent"), SubscriberOptions(chunk_bytes=4096, **options),
+        status, hub.send, hub.send_status, None, None, None,
     )  # fmt: skip
     updater.consider(hub.offer(0))
+    return hub, updater, status
+
+
+def test_a_silent_hub_gets_backed_off_probes_and_no_chunk_is_fetched_twice(
+    tiny_adapters: list[Path], tmp_path: Path
+) -> None:
+    hub, updater, status = _fetching(
+        tiny_adapters, tmp_path, credit=2, request_timeout_s=0.05, max_request_timeout_s=0.4
+    )
     served: list[tuple[str, int]] = []
     for _ in range(3):  # the manifest, then two rounds of the credit's two chunks
         asked = [(r.file, r.offset) for r in hub.requests if isinstance(r, p.GetChunk)]
@@ -42,11 +50,13 @@ def test_a_silent_hub_gets_backed_off_re_asks_and_no_chunk_is_fetched_twice(
 
     # The hub goes silent: it reads nothing the agent sends (7 s at the old fixed 3 s
     # timeout and 3 retries would have thrown the four chunks away).
+    hub.requests.clear()  # the two chunks in flight: dropped unread
     re_asks: list[float] = []
     started = time.monotonic()
     while time.monotonic() - started < 2.0:
         updater.check_stall()
         if hub.requests:
+            assert len(hub.requests) == 1  # a probe: the oldest request, not all in flight
             re_asks.append(time.monotonic() - started)
             hub.requests.clear()
         time.sleep(0.005)
@@ -67,3 +77,18 @@ def test_a_silent_hub_gets_backed_off_re_asks_and_no_chunk_is_fetched_twice(
     assert status.get().applied == 0 and status.get().sync == "up_to_date"
     twice = {chunk for chunk in served if served.count(chunk) > 1}
     assert not twice, f"fetched twice: {sorted(twice)}"
+
+
+def test_a_request_the_hub_dropped_is_asked_again_on_the_next_reply_not_after_a_timeout(
+    tiny_adapters: list[Path], tmp_path: Path
+) -> None:
+    hub, updater, status = _fetching(tiny_adapters, tmp_path, credit=4, request_timeout_s=60.0)
+    hub.serve(updater, limit=1)  # the manifest: the agent asks for 4 chunks
+    dropped = hub.requests.pop(1)  # the hub drops the second one unread (a full queue)
+    assert isinstance(dropped, p.GetChunk)
+    started = time.monotonic()
+    hub.serve(updater)  # answers everything else, in order, and what its replies cause
+    assert status.get().applied == 0, "the download should have finished without a timeout"
+    assert time.monotonic() - started < 5.0
+    again = [r for r in hub.served if r == dropped]
+    assert len(again) == 1  # asked again once, after the reply to the chunk sent after it

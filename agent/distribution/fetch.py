@@ -11,11 +11,13 @@ The manifest is held to the agent's ``DistributionLimits`` (size, file count) be
 is asked for, and chunk requests are made only as credit frees up, one file cursor at a time:
 what a download holds in memory does not grow with what the hub declares.
 
-An unanswered download is never dropped for silence, and keeps every chunk it has: it asks
-again for what is in flight after ``patience_s``, which follows the hub's reply time (4x its
-smoothed value, never under ``request_timeout_s``), doubles after each unanswered re-ask up to
-``max_request_timeout_s``, and is jittered by +-25 %. A thousand agents a busy hub serves slowly
-then wait longer instead of re-asking in step, which would only add duplicates to its queue.
+Lost requests are asked for again; slow ones are not. The hub answers each connection's
+requests in order, so the reply to a chunk asked for once proves every request sent before it
+that is still unanswered lost (the hub dropped it unread): those are asked for again at once.
+Silence alone never drops a download nor the chunks it holds: after ``patience_s`` (4x the
+smoothed reply time, never under ``request_timeout_s``, doubled after each unanswered probe up
+to ``max_request_timeout_s``, +-25 % jitter) only the oldest request goes again, as a probe. A
+busy hub serving a thousand agents then gets a few probes, not every request twice.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from zk0.shared.artifact import (
@@ -81,6 +83,17 @@ class ChunkPlan:
         return name, offset, length
 
 
+@dataclass
+class InFlight:
+    """A chunk request awaiting its reply."""
+
+    length: int
+    sent_at: float  # monotonic time of its last sending
+    seq: int  # its last sending's place in this download's order of requests
+    asked_again: bool = False  # its reply then answers either sending (Karn's algorithm)
+    lost: bool = field(default=False, repr=False)  # a later request's reply came first
+
+
 class Download:
     def __init__(
         self,
@@ -102,8 +115,8 @@ class Download:
         self.manifest: Manifest | None = None
         self._manifest_bytes = b""
         self._plan = ChunkPlan((), chunk_bytes)
-        #: (file, offset) -> (length, sent at, asked more than once)
-        self._outstanding: dict[tuple[str, int], tuple[int, float, bool]] = {}
+        self._outstanding: dict[tuple[str, int], InFlight] = {}  # by (file, offset)
+        self._seq = 0
         self._fds: dict[str, int] = {}
         self.manifest_sent_at = 0.0
         self.last_progress = time.monotonic()
@@ -120,26 +133,35 @@ class Download:
         return p.GetManifest(version=self.target.version, artifact_id=self.target.artifact_id)
 
     def next_requests(self) -> list[p.GetChunk]:
-        """New chunk requests, as many as the credit allows (one credit per chunk in flight;
-        the credit never exceeds ``limits.max_chunks_in_flight``)."""
-        requests = []
-        now = time.monotonic()
+        """Requests found lost, again, then new ones as the credit allows (one credit per chunk
+        in flight; the credit never exceeds ``limits.max_chunks_in_flight``)."""
+        lost = [key for key, request in self._outstanding.items() if request.lost]
+        requests = self._send_again(lost)
         credit = min(self.credit, self.limits.max_chunks_in_flight)
         while not self._plan.done and len(self._outstanding) < credit:
             name, offset, length = self._plan.next()
-            self._outstanding[(name, offset)] = (length, now, False)
+            self._seq += 1
+            self._outstanding[(name, offset)] = InFlight(length, time.monotonic(), self._seq)
             requests.append(self._request(name, offset, length))
         return requests
 
     def outstanding_requests(self) -> list[p.GetManifest] | list[p.GetChunk]:
-        """Everything in flight again (after a reconnect or a timeout)."""
-        now = time.monotonic()
-        self.last_progress = now
+        """Everything in flight again (after a reconnect: the old connection's replies are
+        gone)."""
+        self.last_progress = time.monotonic()
         if self.manifest is None:
             return [self.manifest_request()]
-        for key, (length, _, _) in self._outstanding.items():
-            self._outstanding[key] = (length, now, True)
-        return [self._request(name, off, n) for (name, off), (n, _, _) in self._outstanding.items()]
+        return self._send_again(list(self._outstanding))
+
+    def _send_again(self, keys: list[tuple[str, int]]) -> list[p.GetChunk]:
+        requests = []
+        for key in sorted(keys, key=lambda k: self._outstanding[k].seq):
+            request = self._outstanding[key]
+            self._seq += 1
+            request.sent_at, request.seq = time.monotonic(), self._seq
+            request.asked_again, request.lost = True, False
+            requests.append(self._request(*key, request.length))
+        return requests
 
     def patience_s(self, request_timeout_s: float, max_request_timeout_s: float) -> float:
         """How long to wait for a reply before asking again (see the module's docstring)."""
@@ -147,10 +169,17 @@ class Download:
         return min(usual * 2.0**self.retries, max_request_timeout_s) * self._jitter
 
     def ask_again(self) -> list[p.GetManifest] | list[p.GetChunk]:
-        """The hub did not answer within ``patience_s``: wait twice as long next time."""
+        """No reply within ``patience_s``: the oldest request again, as a probe (its reply, or
+        the next one's, shows what else was lost); the next patience is twice as long."""
         self.retries += 1
         self._jitter = random.uniform(0.75, 1.25)
-        return self.outstanding_requests()
+        self.last_progress = time.monotonic()
+        if self.manifest is None:
+            return [self.manifest_request()]
+        if not self._outstanding:
+            return []
+        oldest = min(self._outstanding, key=lambda k: self._outstanding[k].seq)
+        return self._send_again([oldest])
 
     def _request(self, name: str, offset: int, length: int) -> p.GetChunk:
         return p.GetChunk(
@@ -258,16 +287,17 @@ class Download:
         if reply.artifact_id != self.target.artifact_id or reply.version != self.target.version:
             return False
         key = (reply.file, reply.offset)
-        expected = self._outstanding.get(key)
-        if expected is None or expected[0] != len(data):
+        request = self._outstanding.get(key)
+        if request is None or request.length != len(data):
             return False
         del self._outstanding[key]
         os.pwrite(self._fds[reply.file], data, reply.offset)
         self.fetched_bytes += len(data)
         now = time.monotonic()
-        _, sent_at, asked_again = expected
-        if not asked_again:  # a re-asked chunk's reply time is ambiguous (Karn's algorithm)
-            sample = now - sent_at
+        if not request.asked_again:  # it answers the one sending: the hub's order and timing
+            for earlier in self._outstanding.values():
+                earlier.lost = earlier.lost or earlier.seq < request.seq
+            sample = now - request.sent_at
             self.reply_s = sample if self.reply_s is None else 0.875 * self.reply_s + sample / 8
         self.last_progress = now
         self.retries = 0

@@ -14,9 +14,10 @@ from zk0.shared.distribution import protocol as p
 class SubscriberOptions:
     chunk_bytes: int = p.DEFAULT_CHUNK_BYTES
     credit: int = 8  # chunk requests in flight per download
-    #: No reply for this long (or 4x the hub's usual reply time): ask again for what is in
-    #: flight, waiting twice as long after each unanswered re-ask, up to the maximum.
-    request_timeout_s: float = 3.0
+    #: No reply for this long (or 4x the hub's usual reply time): the oldest request again,
+    #: waiting twice as long after each unanswered one, up to the maximum. Lost requests are
+    #: found sooner, by the replies to later ones (``zk0.agent.distribution.fetch``).
+    request_timeout_s: float = 10.0
     max_request_timeout_s: float = 60.0
     keep_versions: int = 8
     refused_retry_s: float = 30.0  # a transfer that failed verification is not refetched sooner
@@ -44,7 +45,7 @@ class SubscriberStatus:
     applied: int | None = None  # verified, stored and current in the store
     in_use: int | None = None  # the version the inference engine computed its last chunk with
     report: AgentReport = field(default_factory=AgentReport)  # what the daemon says it does
-    sync: str = "starting"  # starting, up_to_date, fetching, hub_silent, denied, ...
+    sync: str = "starting"  # starting, up_to_date, fetching, queued, hub_silent, denied, ...
     error: str | None = None
     hub_id: str | None = None
     bytes_rx: int = 0  # application bytes received and sent (all frames), for the bench

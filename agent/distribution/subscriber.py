@@ -353,6 +353,8 @@ class AdapterSubscriber:
                     self._bad_state("denied", f"the hub refuses this agent: {message.detail}")
                 elif message.code == "protocol":
                     self._log_once("protocol", f"the hub speaks another protocol: {message.detail}")
+                elif message.code == "busy":  # sync says "queued" until its turn comes
+                    logger.debug("the hub is busy: {}", message.detail)
                 else:
                     logger.warning("hub error {}: {}", message.code, message.detail)
                 self.updater.on_error(message)

@@ -17,6 +17,7 @@ failed transfer (bytes that do not hash to the manifest, a full disk) is only re
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -228,8 +229,14 @@ class Updater:
 
     def on_error(self, error: p.ErrorReply) -> None:
         download = self.download
-        if download is not None and error.version in (None, download.target.version):
-            self.abandon(f"hub answered {error.code}", retry_after_s=self.retry_after_s)
+        if download is None or error.version not in (None, download.target.version):
+            return
+        if error.code == "busy":  # serving others: ask again after its delay, jittered
+            wait = (error.retry_after_s or self.retry_after_s) * random.uniform(0.5, 1.5)
+            self.abandon("the hub is busy", retry_after_s=wait, quiet=True)
+            self.status.update(sync="queued")
+            return
+        self.abandon(f"hub answered {error.code}", retry_after_s=self.retry_after_s)
 
     def on_reconnect(self) -> None:
         if self.download is not None:
@@ -237,8 +244,8 @@ class Updater:
                 self.send(request)
 
     def check_stall(self) -> None:
-        """Ask again for what is in flight once the hub is silent for longer than the download's
-        patience (backed off and jittered); the chunks already fetched are kept."""
+        """Probe a hub silent for longer than the download's patience (backed off, jittered)
+        with its oldest request; the chunks already fetched are kept."""
         download = self.download
         options = self.options
         if download is None or not download.stalled(
@@ -344,11 +351,13 @@ class Updater:
         self.abandon(reason, retry_after_s=self.options.refused_retry_s)
         self.send_status()
 
-    def abandon(self, reason: str, retry_after_s: float = 0.0) -> None:
+    def abandon(self, reason: str, retry_after_s: float = 0.0, *, quiet: bool = False) -> None:
         download = self.download
         if download is None:
             return
-        logger.info("dropping the download of version {}: {}", download.target.version, reason)
+        (logger.debug if quiet else logger.info)(
+            "dropping the download of version {}: {}", download.target.version, reason
+        )
         download.discard()
         self.download = None
         if retry_after_s:

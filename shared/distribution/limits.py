@@ -71,6 +71,17 @@ class DistributionLimits(BaseModel):
         ),
     )
 
+    max_downloads: int = Field(
+        default=64,
+        gt=0,
+        le=100_000,
+        description=(
+            "Hub: downloads it serves at once; an agent asking for a manifest beyond them is "
+            "told to ask again a little later (busy), so that the requests queued at the hub, "
+            "and the time each waits, do not grow with the fleet."
+        ),
+    )
+
     @model_validator(mode="after")
     def _room_for_a_full_credit(self) -> Self:
         # An agent at the credit ceiling plus its status replies must fit in the hub's queue,

@@ -30,7 +30,7 @@ from zk0.shared.agent_status import AgentReport
 from zk0.shared.config import AGENT_ID_PATTERN
 from zk0.shared.validation import Protocol, ProtocolVersionError, WireModel, describe
 
-PROTOCOL = Protocol("adapter distribution", "2.2")
+PROTOCOL = Protocol("adapter distribution", "2.3")
 #: First frame of every message on the PUB socket (agents subscribe to it).
 ANNOUNCE_TOPIC = b"zk0.adapter"
 #: Chunk size agents ask for by default, and the most the hub serves in one reply.
@@ -61,8 +61,9 @@ Word = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 Detail = Annotated[str, Field(max_length=300)]
 #: denied (key not in the allow-list), protocol (another major version), bad_request (malformed
 #: or out of range), unknown_version (not stored, or another artifact), unavailable (the hub
-#: cannot read or verify that version).
-ErrorCode = Literal["denied", "protocol", "bad_request", "unknown_version", "unavailable"]
+#: cannot read or verify that version), busy (2.3: the hub serves its ``max_downloads``; ask
+#: for the manifest again after ``retry_after_s``).
+ErrorCode = Literal["denied", "protocol", "bad_request", "unknown_version", "unavailable", "busy"]
 
 
 class ProtocolError(ValueError):
@@ -166,6 +167,7 @@ class ErrorReply(Message):
     code: ErrorCode
     detail: Detail
     version: Count | None = None
+    retry_after_s: Annotated[float, Field(ge=0, le=3600)] | None = None  # 2.3, with busy
 
 
 Request = Status | GetManifest | GetChunk
