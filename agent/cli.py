@@ -196,7 +196,9 @@ def evaluate_policy(
     ] = None,
     episodes: Annotated[int, typer.Option("--episodes", min=1)] = 1,
     mode: Annotated[str | None, typer.Option(help=option_help(EngineConfig, "mode"))] = None,
-    backend: Annotated[str, typer.Option("--backend", help="torch or onnx.")] = "torch",
+    backend: Annotated[
+        str, typer.Option("--backend", help="torch, onnx (ONNX Runtime) or onnx_int8.")
+    ] = "torch",
     aggregate: Annotated[
         str | None, typer.Option(help=option_help(EngineConfig, "aggregate"))
     ] = None,
@@ -207,6 +209,9 @@ def evaluate_policy(
         float | None, typer.Option(help="Actions per episode / fps (default episode_time_s).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help=option_help(EngineConfig, "seed"))] = None,
+    denoising_steps: Annotated[
+        int | None, typer.Option(help=option_help(EngineConfig, "denoising_steps"))
+    ] = None,
     threads: Annotated[int, typer.Option(min=1, help="torch/onnxruntime threads.")] = 1,
     onnx_wait: Annotated[
         bool,
@@ -225,18 +230,21 @@ def evaluate_policy(
     """
     import json
     import os
+    from typing import get_args
 
     import torch
 
+    from zk0.agent.inference.backends import BackendName
     from zk0.agent.inference.evaluation import evaluate, load_stats, open_session, plot_queue_depth
     from zk0.shared.config import load_robot_config
     from zk0.shared.logs import new_run_dir, setup_logging
 
-    if backend not in ("torch", "onnx"):
-        raise ValueError(f"--backend: torch or onnx, got {backend!r}")
+    if backend not in get_args(BackendName):
+        raise ValueError(f"--backend: one of {', '.join(get_args(BackendName))}, got {backend!r}")
     engine_config = from_options(
-        EngineConfig, mode=mode, aggregate=aggregate, threshold=threshold, seed=seed
-    )
+        EngineConfig, mode=mode, aggregate=aggregate, threshold=threshold, seed=seed,
+        denoising_steps=denoising_steps,
+    )  # fmt: skip
     robot = load_robot_config(robot_config)
     run_dir = new_run_dir()
     log = setup_logging(run_dir, "eval", level="WARNING")

@@ -1,6 +1,9 @@
 """Full-size SmolVLA (``smolvla-arch``, random weights) in torch and ONNX Runtime, for
-``zk0 bench inference``: the VLM prefix and one denoising step, their ONNX export, each probe in
-a child process (``python -m zk0.bench._arch KIND DIR OUT``) so its peak memory is its own."""
+``zk0 bench inference``: a whole action chunk (VLM prefix, then the denoising steps) through the
+product's backends, its ONNX export (float32 and int8), each probe in a child process (``python
+-m zk0.bench._arch KIND DIR OUT``) so its peak memory is its own. The torch probe runs first and
+leaves its chunk in DIR; the ONNX probes report their largest difference from it (normalized
+action units: the random-weight base has no dataset statistics)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,10 @@ import torch
 from zk0.bench._common import time_calls
 
 ARCH = "smolvla-arch"
+KINDS = ("torch", "export", "onnx", "onnx_int8")
+REFERENCE = "torch_chunk.npy"
+#: Denoising steps whose chunk latency is measured besides the policy's own 10.
+FEWER_STEPS = (5, 2)
 
 
 def arch_probe(
@@ -26,90 +32,74 @@ def arch_probe(
     folder: Path,
     spec: str = ARCH,
     provider: str = "CPUExecutionProvider",
-    repeats: int = 2,
+    repeats: int = 5,
 ) -> dict[str, Any]:
-    """One full-size measurement in this process: ``torch``, ``export`` or ``onnx`` (on
-    ONNX Runtime's ``provider``)."""
-    from zk0.agent.inference.onnx_graphs import (
-        DENOISE_FILE,
-        PREFIX_FILE,
-        _modules,
-        export_graphs,
-        input_names,
-        prepare_inputs,
-        signature_of,
+    """One full-size measurement in this process: ``torch``, ``export``, ``onnx`` or
+    ``onnx_int8`` (on ONNX Runtime's ``provider``)."""
+    from zk0.agent.inference.backends import (
+        InferencePolicy,
+        OnnxBackend,
+        Precision,
+        TorchBackend,
     )
-    from zk0.agent.inference.swap import expert_weight_names
+    from zk0.agent.inference.onnx_export import OnnxExport
+    from zk0.agent.inference.onnx_graphs import GRAPH_FILES, signature_of
+    from zk0.agent.inference.swap import AdapterSlot
     from zk0.shared.config import load_robot_config
     from zk0.shared.features import PolicyFeatures
-    from zk0.shared.policy_factory import build_fresh_policy, make_processors
+    from zk0.shared.policy_factory import build_policy
     from zk0.shared.sim_variants import SIM_ROBOT
 
     config = load_robot_config(SIM_ROBOT)
-    policy = build_fresh_policy(spec, PolicyFeatures.from_robot_config(config)).eval()
-    preprocessor, _ = make_processors(policy.config)
+    loaded = build_policy(spec, PolicyFeatures.from_robot_config(config), device="cpu")
+    runtime = AdapterSlot(loaded).active
+    inference = InferencePolicy(loaded.policy, copy_policy=False)
+    generator = torch.Generator().manual_seed(0)
     frame: dict[str, Any] = {
-        key: torch.rand(feature.shape, generator=torch.Generator().manual_seed(0))
-        for key, feature in policy.config.input_features.items()
+        key: torch.rand(feature.shape, generator=generator)
+        for key, feature in loaded.policy.config.input_features.items()
     }
     frame["task"] = config.task
-    batch = preprocessor(frame)
-    signature = signature_of(policy, batch)
-    result: dict[str, Any] = {"params": sum(p.numel() for p in policy.parameters())}
-    prefix_cls, _ = _modules()
-    with torch.no_grad():
-        inputs = prepare_inputs(policy, batch)
-        prefix = prefix_cls(policy.model, len(signature.images)).eval()
-        cache = prefix(*inputs)
-    x_t = torch.randn(1, signature.chunk_size, signature.action_dim)
-    timestep = torch.ones(1)
-    if kind == "torch":
-        from transformers import DynamicCache
-
-        def step() -> None:
-            kv = DynamicCache()
-            for layer in range((len(cache) - 1) // 2):
-                kv.update(cache[1 + 2 * layer], cache[2 + 2 * layer], layer)
-            policy.model.denoise_step(cache[0], kv, x_t, timestep)
-
-        with torch.no_grad():
-            result["prefix_s"] = time_calls(lambda: prefix(*inputs), 2)["median_s"]
-            result["denoise_step_s"] = time_calls(step, 2)["median_s"]
-    elif kind == "export":
-        result |= export_graphs(policy, signature, folder)
-        result["bytes"] = sum(p.stat().st_size for p in folder.iterdir())
+    batch = runtime.preprocessor(frame)
+    export = OnnxExport(loaded.base, loaded.features, signature_of(inference.policy, batch),
+                        root=folder)  # fmt: skip
+    policy_config = inference.config
+    noise = torch.randn(1, policy_config.chunk_size, policy_config.max_action_dim,
+                        generator=generator)  # fmt: skip
+    result: dict[str, Any] = {"params": sum(p.numel() for p in loaded.policy.parameters())}
+    if kind == "export":
+        export.export_now(inference.policy)
+        result |= export.seconds
+        for name, files in GRAPH_FILES.items():
+            result[f"bytes_{name}"] = sum(
+                p.stat().st_size for p in export.folder.iterdir() if p.name.startswith(files)
+            )
     else:
-        import onnxruntime as ort  # type: ignore[import-untyped]
+        if kind == "torch":
+            backend: Any = TorchBackend(inference)
+        else:
+            precision: Precision = "int8" if kind == "onnx_int8" else "fp32"
+            backend = OnnxBackend(export.folder, export.signature, inference, 1, precision,
+                                  provider)  # fmt: skip
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        start = time.perf_counter()
-        providers = [provider]
-        prefix_session = ort.InferenceSession(
-            str(folder / PREFIX_FILE), options, providers=providers
-        )
-        step_session = ort.InferenceSession(
-            str(folder / DENOISE_FILE), options, providers=providers
-        )
-        result["session_load_s"] = time.perf_counter() - start
-        feeds = {n: t.numpy() for n, t in zip(input_names(signature), inputs, strict=True)}
-        outputs = prefix_session.run(None, feeds)
-        result["prefix_s"] = time_calls(lambda: prefix_session.run(None, feeds), repeats)[
-            "median_s"
-        ]
-        names = [o.name for o in prefix_session.get_outputs()]
-        params = dict(policy.named_parameters())
-        step_feeds = {
-            **dict(zip(names, outputs, strict=True)),
-            **{f"weight:{n}": params[n].detach().numpy() for n in expert_weight_names(policy)},
-            "x_t": x_t.numpy(),
-            "timestep": timestep.numpy(),
-        }
-        result["denoise_step_s"] = time_calls(
-            lambda: step_session.run(["v_t"], step_feeds), repeats
-        )["median_s"]
-        reference = np.asarray(outputs[1])
-        result["prefix_max_abs_diff"] = float(np.abs(reference - cache[1].numpy()).max())
+        def chunk() -> Any:
+            return backend.predict(runtime, dict(batch), noise)
+
+        actions = np.asarray(chunk())
+        timed = time_calls(chunk, repeats, warmup=0)
+        result |= {"chunk_s_p50": timed["median_s"], "chunk_s_p95": timed["p95_s"],
+                   "timings": timed, "repeats": repeats}  # fmt: skip
+        if kind == "torch":
+            np.save(folder / REFERENCE, actions)
+        elif (folder / REFERENCE).is_file():
+            result["max_abs_diff_vs_torch"] = float(
+                np.abs(actions - np.load(folder / REFERENCE)).max()
+            )
+        steps = {int(policy_config.num_steps): timed["median_s"]}
+        for count in FEWER_STEPS:
+            policy_config.num_steps = count
+            steps[count] = time_calls(chunk, 2, warmup=0)["median_s"]
+        result["chunk_s_by_denoising_steps"] = steps
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     return result
 
@@ -118,7 +108,7 @@ def arch_figures(timeout_s: float) -> dict[str, Any]:
     """Each full-size measurement in a child process, so its peak memory is its own."""
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="zk0-arch-onnx-") as tmp:
-        for kind in ("torch", "export", "onnx"):
+        for kind in KINDS:
             out = Path(tmp) / f"{kind}.json"
             argv = [sys.executable, "-m", "zk0.bench._arch", kind, tmp, str(out)]
             try:

@@ -6,9 +6,11 @@
   for the torch backend (headline) and ONNX Runtime.
 * Chunk latency, torch vs ONNX Runtime, for ``tiny-sim-base`` (the whole chunk: VLM prefix and
   ten denoising steps) and their largest difference, for the base and for a swapped adapter.
-* ``smolvla-arch`` (full size, random weights): the VLM prefix and one denoising step in torch,
-  their ONNX export and ONNX Runtime, each in its own process (time and peak memory, or the
-  error).
+* ``smolvla-arch`` (full size, random weights): a whole chunk in torch, ONNX Runtime float32 and
+  int8, and their export, each in its own process (chunk latency p50/p95, peak memory, the
+  largest difference from torch, latency at fewer denoising steps; or the error).
+* Denoising steps: the tiny base's chunk latency and closed-loop success (simulated time, its
+  base task's never-seen scenes) at 10, 5, 3, 2 and 1 steps.
 * Hot swap: adapter versions swapped in during a running async episode (verify + merge time
   in the loader thread, there and with the engine idle; starved and missed ticks meanwhile).
 
@@ -31,6 +33,7 @@ import typer
 from zk0.agent.inference.backends import BackendName
 from zk0.bench._arch import arch_figures
 from zk0.bench._common import random_observation, time_calls, write_result
+from zk0.bench._denoising import success_by_steps
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 POLICY = "tiny-sim-base"
@@ -239,56 +242,98 @@ def onnx_vs_torch(repeats: int, threads: int, root: Path) -> dict[str, Any]:
     }
 
 
+PARTS = ("closed_loop", "hot_swap", "tiny", "arch", "steps")
+
+
 @app.command()
 def main(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+    parts: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(PARTS)}.")] = ",".join(
+        PARTS
+    ),
     episodes: Annotated[int, typer.Option(min=1, help="Episodes per mode and backend.")] = 3,
     horizon_s: Annotated[float, typer.Option(help="Policy actions per episode / fps.")] = 8.0,
     repeats: Annotated[int, typer.Option(min=1, help="Timed chunks per backend.")] = 20,
     swaps: Annotated[int, typer.Option(min=2)] = 10,
-    arch: Annotated[bool, typer.Option("--arch/--no-arch", help="Full-size probes.")] = True,
     arch_timeout_s: Annotated[float, typer.Option(help="Per full-size probe.")] = 1800.0,
+    steps_episodes: Annotated[
+        int, typer.Option(min=1, help="Simulated episodes per denoising step count.")
+    ] = 20,
     threads: Annotated[int, typer.Option(help="torch/onnxruntime threads.")] = 1,
 ) -> None:
-    """Async vs sync on the simulated arm, torch vs ONNX Runtime, hot-swap time."""
+    """Async vs sync on the simulated arm, torch vs ONNX Runtime, hot-swap time, full size,
+    denoising steps."""
+    chosen = [part for part in parts.split(",") if part]
+    if unknown := [part for part in chosen if part not in PARTS]:
+        raise typer.BadParameter(f"unknown part {unknown[0]!r} (known: {', '.join(PARTS)})")
     torch.set_num_threads(threads)
+    result: dict[str, Any] = {"parts": chosen, "policy": POLICY, "episodes": episodes}
+    lines = []
     with tempfile.TemporaryDirectory(prefix="zk0-bench-inference-") as tmp:
-        backends: tuple[BackendName, ...] = ("torch", "onnx")
-        loops = {name: closed_loop(name, episodes, horizon_s) for name in backends}
-        swap = hot_swap(swaps, horizon_s, Path(tmp) / "swap")
-        tiny = onnx_vs_torch(repeats, threads, Path(tmp) / "tiny")
-    full = arch_figures(arch_timeout_s) if arch else {}
-    headline = loops["torch"]
-    result: dict[str, Any] = {
-        "idle_ratio_async_over_sync": headline["idle_ratio_async_over_sync"],
-        "completion_time_ratio_async_over_sync": headline["completion_time_ratio_async_over_sync"],
-        "starved_fraction_async": headline["async"]["starved_fraction"],
-        "starved_fraction_sync": headline["sync"]["starved_fraction"],
-        "idle_s_async": headline["async"]["idle_s"],
-        "idle_s_sync": headline["sync"]["idle_s"],
-        "onnx_speedup_tiny": tiny["onnx_speedup"],
-        "onnx_max_abs_diff": tiny["onnx_max_abs_diff"],
-        "hot_swap_s": swap["hot_swap_s"],
-        "starved_ticks_during_swaps": swap["starved_ticks_during_swaps"],
-        "closed_loop": loops,
-        "hot_swap": swap,
-        "tiny_sim_base": tiny,
-        "smolvla_arch": full,
-        "policy": POLICY,
-        "episodes": episodes,
-    }
-    ratio = headline["idle_ratio_async_over_sync"]
-    summary = (
-        f"inference: arm idle async/sync {'n/a' if ratio is None else f'{ratio:.3f}'} "
-        f"({headline['async']['idle_s']:.2f} s vs {headline['sync']['idle_s']:.2f} s), "
-        f"completion {headline['completion_time_ratio_async_over_sync']:.3f}x, starved "
-        f"{headline['async']['starved_fraction']:.1%} async vs "
-        f"{headline['sync']['starved_fraction']:.1%} sync; ONNX Runtime "
-        f"{tiny['onnx_speedup']:.1f}x torch (max diff {tiny['onnx_max_abs_diff']:.1e}); "
-        f"hot swap {swap['hot_swap_s'] * 1e3:.0f} ms, "
-        f"{swap['starved_ticks_during_swaps']} starved ticks during {swap['swaps']} swaps"
-    )
-    write_result(json_path, result, summary)
+        if "closed_loop" in chosen:
+            backends: tuple[BackendName, ...] = ("torch", "onnx")
+            loops = {name: closed_loop(name, episodes, horizon_s) for name in backends}
+            headline = loops["torch"]
+            ratio = headline["idle_ratio_async_over_sync"]
+            result |= {
+                "idle_ratio_async_over_sync": ratio,
+                "completion_time_ratio_async_over_sync": headline[
+                    "completion_time_ratio_async_over_sync"
+                ],
+                "starved_fraction_async": headline["async"]["starved_fraction"],
+                "starved_fraction_sync": headline["sync"]["starved_fraction"],
+                "idle_s_async": headline["async"]["idle_s"],
+                "idle_s_sync": headline["sync"]["idle_s"],
+                "closed_loop": loops,
+            }
+            lines.append(
+                f"arm idle async/sync {'n/a' if ratio is None else f'{ratio:.3f}'} "
+                f"({headline['async']['idle_s']:.2f} s vs {headline['sync']['idle_s']:.2f} s), "
+                f"completion {headline['completion_time_ratio_async_over_sync']:.3f}x, starved "
+                f"{headline['async']['starved_fraction']:.1%} async vs "
+                f"{headline['sync']['starved_fraction']:.1%} sync"
+            )
+        if "hot_swap" in chosen:
+            swap = hot_swap(swaps, horizon_s, Path(tmp) / "swap")
+            result |= {
+                "hot_swap_s": swap["hot_swap_s"],
+                "starved_ticks_during_swaps": swap["starved_ticks_during_swaps"],
+                "hot_swap": swap,
+            }
+            lines.append(
+                f"hot swap {swap['hot_swap_s'] * 1e3:.0f} ms, "
+                f"{swap['starved_ticks_during_swaps']} starved ticks during {swap['swaps']} swaps"
+            )
+        if "tiny" in chosen:
+            tiny = onnx_vs_torch(repeats, threads, Path(tmp) / "tiny")
+            result |= {
+                "onnx_speedup_tiny": tiny["onnx_speedup"],
+                "onnx_max_abs_diff": tiny["onnx_max_abs_diff"],
+                "tiny_sim_base": tiny,
+            }
+            lines.append(
+                f"ONNX Runtime {tiny['onnx_speedup']:.1f}x torch on the tiny chunk "
+                f"(max diff {tiny['onnx_max_abs_diff']:.1e})"
+            )
+    if "arch" in chosen:
+        full = arch_figures(arch_timeout_s)
+        result["smolvla_arch"] = full
+        latencies = [
+            f"{kind} {full[kind]['chunk_s_p50']:.2f} s" if "chunk_s_p50" in full[kind] else kind
+            for kind in ("torch", "onnx", "onnx_int8")
+        ]
+        lines.append("full-size chunk " + ", ".join(latencies))
+    if "steps" in chosen:
+        steps = success_by_steps(steps_episodes)
+        result["denoising_steps"] = steps
+        lines.append(
+            "tiny base success by denoising steps "
+            + ", ".join(
+                f"{n}: {r['success']['successes']}/{r['success']['episodes']}"
+                for n, r in steps["by_steps"].items()
+            )
+        )
+    write_result(json_path, result, "inference: " + "; ".join(lines))
 
 
 if __name__ == "__main__":

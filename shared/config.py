@@ -16,6 +16,7 @@ from zk0.shared.adapter_bounds import AdapterBounds
 from zk0.shared.distribution.limits import DistributionLimits
 from zk0.shared.validation import ConfigError as ConfigError
 from zk0.shared.validation import load_yaml_model
+from zk0.shared.video import VideoConfig
 
 #: LeRobot's convention for SmolVLA checkpoints: cameras feed these keys, missing ones are
 #: declared as ``empty_cameras``. The tiny bases use camera1 = front, camera2 = wrist.
@@ -86,6 +87,7 @@ class RobotConfig(StrictModel):
     max_task_chars: Annotated[int, Field(gt=0, le=1000)] = 30
     episode_time_s: Annotated[float, Field(gt=0)] = 20.0
     reset_time_s: Annotated[float, Field(ge=0)] = 5.0
+    video: VideoConfig = Field(default_factory=VideoConfig)
     #: Backend-specific options (e.g. the simulated arm's task variant); validated by the backend.
     options: dict[str, Any] = Field(default_factory=dict)
 

@@ -90,6 +90,37 @@ def test_onnx_runtime_matches_torch_for_the_base_and_swapped_adapters(
     assert {p.name: sha256_file(p) for p in folder.iterdir()} == files
 
 
+def test_int8_graphs_stay_close_to_torch_take_swapped_adapters_and_follow_the_step_count(
+    slot: AdapterSlot,
+    inference: InferencePolicy,
+    onnx_backend: OnnxBackend,
+    tiny_adapters: list[Path],
+) -> None:
+    int8 = OnnxBackend(onnx_backend.folder, onnx_backend.signature, inference, precision="int8")
+    assert int8.name == "onnxruntime-int8"
+    sizes = {p.name: p.stat().st_size for p in onnx_backend.folder.iterdir()}
+    fp32 = sizes["prefix.onnx"] + sizes.get("prefix.onnx.data", 0)  # graph + its weights
+    assert sizes["prefix.int8.onnx"] < 0.7 * fp32  # matrices stored in int8
+    reference_backend = TorchBackend(inference)
+    base, swapped = slot.active, slot.build(tiny_adapters[2])
+    worst = 0.0
+    for runtime in (base, swapped):
+        frame, noise = observation(inference.policy, 4, TASK), chunk_noise(inference.policy, 4)
+        actions = predict_chunk(runtime, int8, frame, noise)
+        reference = predict_chunk(runtime, reference_backend, frame, noise)
+        worst = max(worst, float(np.abs(actions - reference).max()))
+    assert worst < 5.0  # robot units (degrees, gripper 0..100); measured in the bench
+    moved = np.abs(_normalized(int8, base, 1) - _normalized(int8, swapped, 1)).max()
+    assert moved > 1e-3  # the adapter's weights reach the int8 graph as inputs
+
+    # Fewer denoising steps: torch and ONNX Runtime both take them from the policy's config.
+    few = InferencePolicy(slot.base.policy, denoising_steps=2)
+    two_torch = _normalized(TorchBackend(few), base, 2)
+    two_onnx = _normalized(OnnxBackend(onnx_backend.folder, onnx_backend.signature, few), base, 2)
+    assert np.abs(two_torch - two_onnx).max() < TOLERANCE
+    assert np.abs(two_torch - _normalized(reference_backend, base, 2)).max() > 1e-3
+
+
 def test_background_export_serves_torch_until_onnx_runtime_is_ready(
     slot: AdapterSlot, inference: InferencePolicy, tmp_path: Path
 ) -> None:

@@ -22,6 +22,7 @@ from zk0.agent.recording import (
     record_episodes,
 )
 from zk0.agent.robots import FrameStamp
+from zk0.shared.video import VideoConfig
 
 BIN = REPO_ROOT / ".venv" / "bin"
 VIRTUAL = {"realtime": False}
@@ -160,6 +161,48 @@ def test_a_violation_drops_the_episode_never_the_dataset(
     assert all(not s.saved and s.reason.startswith(reason) for s in summaries)
     assert check_recorded_dataset(root) == [15]  # what was there is untouched
     assert not (root / "images").exists()
+
+
+def test_each_codec_streams_every_frame_and_a_video_short_of_frames_is_never_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import av
+    from lerobot.datasets.video_utils import StreamingVideoEncoder
+
+    root = tmp_path / "ds"
+    for index, codec in enumerate(("h264", "hevc", "libsvtav1")):
+        config = synthetic_robot_config(
+            episode_time_s=0.5, options=VIRTUAL, video=VideoConfig(codec=codec)
+        )
+        record_episodes(config, root, 1, resume=index > 0)
+        for camera in ("camera1", "camera2"):
+            (video,) = (root / "videos" / f"observation.images.{camera}").rglob(
+                f"file-{index:03d}.mp4"
+            )
+            with av.open(str(video)) as container:
+                stream = container.streams.video[0]
+                assert (stream.codec_context.codec.canonical_name, stream.frames) == (
+                    {"h264": "h264", "hevc": "hevc", "libsvtav1": "av1"}[codec],
+                    15,
+                )
+    assert check_recorded_dataset(root) == [15, 15, 15]
+    assert not (root / "images").exists()  # streamed: no PNG staging
+
+    # The encoder falls behind (LeRobot drops a frame whose queue is full, with a warning).
+    feed = StreamingVideoEncoder.feed_frame
+
+    def drop_frame_7(encoder: Any, key: str, image: Any) -> None:
+        fed = getattr(encoder, "fed", 0)
+        encoder.fed = fed + 1
+        if fed != 7:
+            feed(encoder, key, image)
+
+    monkeypatch.setattr(StreamingVideoEncoder, "feed_frame", drop_frame_7)
+    summaries = _record_with_faults(root)
+    assert len(summaries) == 3 and not any(s.saved for s in summaries)
+    assert "holds 29 of 30 frames (the video encoder fell behind" in summaries[0].reason
+    assert check_recorded_dataset(root) == [15, 15, 15]  # rolled back, the rest untouched
+    assert not list(root.glob("tmp*")) and not (root / "images").exists()
 
 
 def test_bad_task_text_fails_before_anything_is_written(tmp_path: Path) -> None:

@@ -83,7 +83,9 @@ class Recorder:
         return bool(state and state["pending"] and state["pending"]["episode_index"] >= at_least)
 
     def adding_frames(self, after: int) -> bool:
-        return self.committed() > after and (self.root / "images").exists()
+        """Past ``after`` episodes, frames go to the streaming encoders (``tmp*/``) or PNGs."""
+        staging = (self.root / "images").exists() or any(self.root.glob("tmp*"))
+        return self.committed() > after and staging
 
     def finish(self, timeout: float = 120.0) -> int:
         out, _ = self.process.communicate(timeout=timeout)

@@ -7,9 +7,9 @@ them on its one inference copy of the policy when the version changes, ONNX Runt
 to the denoise graph. ``predict_chunk`` wraps it with the runtime's pre- and postprocessor: raw
 frame in, actions in robot units out.
 
-``BackendSelector`` is what the engine asks for a backend on every chunk: with ``onnx``
-requested it answers torch until the exported graphs are loaded (exporting in the background
-on first use), then ONNX Runtime.
+``BackendSelector`` is what the engine asks for a backend on every chunk: with ``onnx`` or
+``onnx_int8`` requested it answers torch until the exported graphs are loaded (exporting in the
+background on first use), then ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from numpy.typing import NDArray
 
 from zk0.agent.inference.onnx_export import OnnxExport
 from zk0.agent.inference.onnx_graphs import (
-    DENOISE_FILE,
-    PREFIX_FILE,
+    GRAPH_FILES,
     WEIGHT_INPUT,
     GraphSignature,
     input_names,
@@ -34,7 +33,9 @@ from zk0.agent.inference.onnx_graphs import (
 )
 from zk0.agent.inference.swap import PolicyRuntime, expert_weight_names
 
-BackendName = Literal["torch", "onnx"]
+#: onnx: ONNX Runtime, float32 graphs; onnx_int8: its int8-weight graphs (faster on a CPU).
+BackendName = Literal["torch", "onnx", "onnx_int8"]
+Precision = Literal["fp32", "int8"]
 
 
 class ChunkBackend(Protocol):
@@ -50,9 +51,15 @@ class InferencePolicy:
     Applying rebinds parameters and never writes into tensors, so weights taken from the base
     beforehand (``AdapterSlot``'s) stay the base's. Use it from one thread at a time."""
 
-    def __init__(self, base_policy: Any, copy_policy: bool = True) -> None:
+    def __init__(
+        self, base_policy: Any, copy_policy: bool = True, denoising_steps: int | None = None
+    ) -> None:
+        """``denoising_steps``: flow-matching steps per chunk (None: the policy's ``num_steps``,
+        10 for SmolVLA); set on this policy's config, which torch and ONNX Runtime both read."""
         self.policy = (copy.deepcopy(base_policy) if copy_policy else base_policy).eval()
         self.config = self.policy.config
+        if denoising_steps is not None:
+            self.config.num_steps = denoising_steps
         modules = dict(self.policy.named_modules())
         self._slots = {
             name: modules[name.rsplit(".", 1)[0]] for name in expert_weight_names(self.policy)
@@ -93,10 +100,14 @@ class SignatureMismatchError(ValueError):
 class OnnxBackend:
     """Runs the exported prefix graph once and the denoise graph ``num_steps`` times."""
 
-    name = "onnxruntime"
-
     def __init__(
-        self, folder: Path, signature: GraphSignature, policy: InferencePolicy, threads: int = 1
+        self,
+        folder: Path,
+        signature: GraphSignature,
+        policy: InferencePolicy,
+        threads: int = 1,
+        precision: Precision = "fp32",
+        provider: str = "CPUExecutionProvider",
     ) -> None:
         import onnxruntime as ort  # type: ignore[import-untyped]
 
@@ -104,11 +115,13 @@ class OnnxBackend:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = ["CPUExecutionProvider"]
+        providers = [provider]
         self.folder, self.signature, self.policy = folder, signature, policy
-        self.prefix = ort.InferenceSession(str(folder / PREFIX_FILE), options, providers=providers)
+        self.name = "onnxruntime" if precision == "fp32" else "onnxruntime-int8"
+        prefix_file, denoise_file = GRAPH_FILES[precision]
+        self.prefix = ort.InferenceSession(str(folder / prefix_file), options, providers=providers)
         self.denoise = ort.InferenceSession(
-            str(folder / DENOISE_FILE), options, providers=providers
+            str(folder / denoise_file), options, providers=providers
         )
         self._prefix_inputs = input_names(signature)
         self._cache_names = [o.name for o in self.prefix.get_outputs()]
@@ -136,7 +149,7 @@ class OnnxBackend:
         feeds: dict[str, NDArray[Any]] = dict(zip(self._cache_names, cache, strict=True))
         for name, weight in runtime.arrays.items():
             feeds[WEIGHT_INPUT + name] = weight
-        steps = self.signature.num_steps
+        steps = int(self.policy.config.num_steps)
         dt = -1.0 / steps
         x_t = noise.detach().cpu().numpy().astype(np.float32)
         for step in range(steps):
@@ -170,8 +183,8 @@ class BackendSelector:
         export: OnnxExport | None = None,
         threads: int = 1,
     ) -> None:
-        if requested == "onnx" and export is None:
-            raise ValueError("the onnx backend needs an OnnxExport")
+        if requested != "torch" and export is None:
+            raise ValueError(f"the {requested} backend needs an OnnxExport")
         self.requested = requested
         self.policy = policy
         self.export = export
@@ -183,7 +196,7 @@ class BackendSelector:
 
     def start(self, wait: bool = False) -> BackendSelector:
         """Begin the export in the background (or, with ``wait``, export here and load now)."""
-        if self.requested != "onnx":
+        if self.requested == "torch":
             return self
         assert self.export is not None
         if wait:
@@ -198,12 +211,15 @@ class BackendSelector:
     def _load(self, folder: Path) -> None:
         assert self.export is not None
         try:
-            backend = OnnxBackend(folder, self.export.signature, self.policy, self.threads)
+            precision: Precision = "int8" if self.requested == "onnx_int8" else "fp32"
+            backend = OnnxBackend(
+                folder, self.export.signature, self.policy, self.threads, precision
+            )
         except Exception as error:
             logger.error("cannot load the ONNX graphs in {}: {}; staying on torch", folder, error)
             return
         self._onnx = backend
-        logger.info("ONNX Runtime backend ready: chunks from now on run in onnxruntime")
+        logger.info("ONNX Runtime backend ready: chunks from now on run in {}", backend.name)
 
     @property
     def onnx_ready(self) -> bool:

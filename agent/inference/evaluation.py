@@ -108,7 +108,9 @@ def open_session(
         logger.info("normalization of {}: its pretraining episodes' statistics", policy)
         stats = base_task_stats(loaded.policy.config)
     slot = AdapterSlot(loaded, stats)
-    inference = InferencePolicy(loaded.policy, copy_policy=False)  # the slot took its weights
+    steps = engine_config.denoising_steps if engine_config is not None else None
+    # The slot took its weights; the inference policy runs the session's step count.
+    inference = InferencePolicy(loaded.policy, copy_policy=False, denoising_steps=steps)
     if adapter is not None:
         slot.load(adapter)
     arm = RealTimeArm(make_robot(config) if robot is None else robot, config.fps)
@@ -119,7 +121,7 @@ def open_session(
         layout = FrameLayout.for_robot(arm.action_features, loaded.features)
         observation = arm.fresh_observation()
         layout.check(observation)
-        if backend == "onnx":
+        if backend != "torch":
             batch = slot.active.preprocessor(layout.policy_frame(observation, config.task))
             signature = signature_of(inference.policy, batch)
             export = OnnxExport(loaded.base, loaded.features, signature)

@@ -4,8 +4,13 @@
   (the expensive part, run once per chunk; no adapter weight is in it);
 * ``denoise.onnx``: one flow-matching step of the action expert, ``(x_t, t, cache) -> v_t``,
   with the expert's attention projection weights as *inputs*. The backend runs it
-  ``num_steps`` times (Euler, as LeRobot does), feeding the weights of whichever adapter
-  version is active: a new version needs no new export.
+  ``num_steps`` times (Euler, as LeRobot does; ``EngineConfig.denoising_steps``), feeding the
+  weights of whichever adapter version is active: a new version needs no new export.
+
+Each graph is also written with int8 weights (``*.int8.onnx``: ONNX Runtime's dynamic
+quantization of every MatMul/Gemm weight stored in the graph, activations quantized on the
+fly). The adapter's weights are inputs, not stored weights, so they stay float32 and a hot swap
+still needs no new export.
 
 Both are exported with ``torch.onnx.export(dynamo=True)`` (the legacy exporter fails on
 SmolVLA). ``zk0.agent.inference.onnx_export`` caches them per base and signature.
@@ -22,10 +27,15 @@ from typing import Any
 
 from zk0.shared.policy_factory import BaseRef
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: int8 graphs beside the float32 ones; the step count is not exported
 OPSET = 18
 PREFIX_FILE = "prefix.onnx"
 DENOISE_FILE = "denoise.onnx"
+#: The graph files of each precision: (prefix, denoise step).
+GRAPH_FILES = {
+    "fp32": (PREFIX_FILE, DENOISE_FILE),
+    "int8": ("prefix.int8.onnx", "denoise.int8.onnx"),
+}
 META_FILE = "export.json"
 #: Input names of the denoise graph for the expert weights: this prefix + the parameter name.
 WEIGHT_INPUT = "weight:"
@@ -40,7 +50,6 @@ class GraphSignature:
     state_dim: int  # padded to the policy's max_state_dim
     chunk_size: int
     action_dim: int  # padded to the policy's max_action_dim
-    num_steps: int
     weights: tuple[tuple[str, tuple[int, ...]], ...]
 
     def as_dict(self) -> dict[str, Any]:
@@ -54,7 +63,6 @@ class GraphSignature:
             state_dim=int(raw["state_dim"]),
             chunk_size=int(raw["chunk_size"]),
             action_dim=int(raw["action_dim"]),
-            num_steps=int(raw["num_steps"]),
             weights=tuple((str(n), tuple(int(v) for v in s)) for n, s in raw["weights"]),
         )
 
@@ -91,7 +99,6 @@ def signature_of(policy: Any, batch: dict[str, Any]) -> GraphSignature:
         state_dim=int(inputs[-1].shape[1]),
         chunk_size=int(config.chunk_size),
         action_dim=int(config.max_action_dim),
-        num_steps=int(config.num_steps),
         weights=tuple(
             (name, tuple(int(v) for v in params[name].shape))
             for name in expert_weight_names(policy)
@@ -221,7 +228,18 @@ def export_graphs(policy: Any, signature: GraphSignature, out_dir: Path) -> dict
         verbose=False,
     )
     seconds["denoise_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    quantize_graphs(out_dir)
+    seconds["int8_s"] = time.perf_counter() - start
     return seconds
+
+
+def quantize_graphs(folder: Path) -> None:
+    """Write the int8 graphs from the float32 ones in ``folder`` (see the module docstring)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # type: ignore[import-untyped]
+
+    for fp32, int8 in zip(GRAPH_FILES["fp32"], GRAPH_FILES["int8"], strict=True):
+        quantize_dynamic(folder / fp32, folder / int8, weight_type=QuantType.QInt8)
 
 
 def export_key(base: BaseRef, signature: GraphSignature) -> str:

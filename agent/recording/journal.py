@@ -138,6 +138,13 @@ class Journal:
         }
         self._write(committed, pending)
 
+    def added(self) -> list[str]:
+        """Files (relative paths) the pending save added so far."""
+        state = self.read()
+        if not state or not state["pending"]:
+            raise RuntimeError("no save is pending")
+        return sorted(_files(self.root) - set(state["pending"]["files"]))
+
     def commit(self, episode_index: int) -> None:
         """After LeRobot saved and finalized ``episode_index``: make it durable, then count it."""
         state = self.read()

@@ -148,8 +148,9 @@ def record_episodes(
     The dataset is created if missing; an existing one needs ``resume=True`` and the same
     features. Times default to the robot config's. Dropped episodes are re-recorded, up to
     ``max_dropped_in_a_row`` in a row. ``image_writer_threads``: LeRobot's background PNG
-    writers (0: in the control loop). A daemon passes the ``robot`` it keeps connected (it
-    stays connected) and a ``stop`` event, which ends recording like SIGTERM does.
+    writers (0: in the control loop) when the robot config's ``video`` is not streaming. A
+    daemon passes the ``robot`` it keeps connected (it stays connected) and a ``stop`` event,
+    which ends recording like SIGTERM does.
     """
     config = load_robot_config(robot_config) if isinstance(robot_config, Path) else robot_config
     task = config.task if task is None else task
@@ -164,8 +165,9 @@ def record_episodes(
     features = dataset_features(robot, teleop)
     limits = CheckLimits(fps=config.fps, max_task_chars=config.max_task_chars)
     writer = EpisodeWriter(
-        root, features, config.fps, config.robot.type, resume, repo_id, image_writer_threads
-    )
+        root, features, config.fps, config.robot.type, resume, repo_id, image_writer_threads,
+        config.video,
+    )  # fmt: skip
     with writer, _stop_on_signals(stop) as stopping, Progress(episodes, enabled=progress) as bar:
         result = RecordResult(writer.root, writer.repo_id, writer.num_episodes)
         if owns_robot:
@@ -249,7 +251,12 @@ class _Loop:
             return summary
         if self.stop.requested and summary.frames < max_frames and not self.teleop.episode_done:
             summary.reason = f"interrupted by {self.stop.requested}"
-        summary.save_s = self.writer.save()
+        try:
+            summary.save_s = self.writer.save()
+        except EpisodeRejectedError as rejected:  # rolled back: the dataset is as it was
+            summary.reason = str(rejected)
+            self.bar.end_episode(summary)
+            return summary
         summary.index = index
         self.bar.end_episode(summary)
         return summary

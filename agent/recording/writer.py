@@ -5,7 +5,11 @@ right after ``save_episode``: LeRobot then starts new data, video and episode-me
 for it, and closes them, so no Parquet writer stays open across episodes (an open one is
 unreadable after a crash and takes the episodes before it along). ``Journal`` brackets every
 save so an interrupted one can be rolled back (see ``journal.py``). Video is encoded in this
-process (no encoder subprocesses that could outlive a SIGKILL and write after recovery).
+process (no encoder subprocesses that could outlive a SIGKILL and write after recovery): by
+default while frames arrive (LeRobot's streaming encoder, one thread per camera writing into a
+``tmp*/`` folder that recovery clears), else from PNGs staged in ``images/`` on save. Before a
+save is committed, every camera's new video must hold every frame: a streaming encoder that fell
+behind drops frames, and such an episode is rolled back and reported, never kept.
 
 The cost: one data/video/metadata file per episode instead of LeRobot's ~100 MB shards, which
 is what an arm's own dataset (hundreds of episodes) can afford.
@@ -23,7 +27,7 @@ from typing import Any
 
 from loguru import logger
 
-from zk0.agent.recording.checks import LEROBOT_DEFAULTS
+from zk0.agent.recording.checks import LEROBOT_DEFAULTS, EpisodeRejectedError
 from zk0.agent.recording.journal import (
     JOURNAL_DIR,
     Journal,
@@ -33,8 +37,13 @@ from zk0.agent.recording.journal import (
     remove_stale_staging,
     staging_path,
 )
+from zk0.shared.video import VideoConfig
 
 SUCCESS_KEY = "next.success"
+#: Encoder options that keep a codec's per-file report off stderr (x265 prints it itself).
+_QUIET: dict[str, dict[str, str]] = {
+    "libsvtav1": {}, "h264": {}, "hevc": {"x265-params": "log-level=error"}
+}  # fmt: skip
 
 
 def dataset_features(robot: Any, teleop: Any) -> dict[str, dict[str, Any]]:
@@ -106,7 +115,9 @@ class EpisodeWriter:
         resume: bool,
         repo_id: str | None = None,
         image_writer_threads: int = 4,
+        video: VideoConfig | None = None,
     ) -> None:
+        """``image_writer_threads``: LeRobot's PNG writers when not streaming (0: in the loop)."""
         os.environ.setdefault("SVT_LOG", "1")  # LeRobot's AV1 encoder: errors only on stderr
         self.root = Path(root).absolute()
         self.repo_id = repo_id or f"zk0/{self.root.name}"
@@ -115,10 +126,12 @@ class EpisodeWriter:
         self.robot_type = robot_type
         self.resume = resume
         self.image_writer_threads = image_writer_threads
+        self.video = video or VideoConfig()
         self.recovery: RecoveryReport | None = None
         self._journal = Journal(self.root)
         self._lock: contextlib.ExitStack | None = None
         self._dataset: Any = None
+        self._frames = 0  # added to the open episode
 
     def __enter__(self) -> EpisodeWriter:
         stack = contextlib.ExitStack()
@@ -195,20 +208,30 @@ class EpisodeWriter:
 
     def begin_episode(self) -> None:
         """Open LeRobot's writer for the next episode (``add_frame`` stages its images)."""
+        import av
+        from lerobot.configs.video import RGBEncoderConfig
         from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
         if self._dataset is not None:
             raise RuntimeError("an episode is already open")
+        video = self.video
+        av.logging.set_libav_level(av.logging.ERROR)  # libx264 reports each file at INFO
         with _datasets_cache(self.root):
             self._dataset = LeRobotDataset.resume(
                 self.repo_id,
                 root=self.root,
-                image_writer_threads=self.image_writer_threads,
+                image_writer_threads=0 if video.streaming_encoding else self.image_writer_threads,
                 video_backend="pyav",
+                rgb_encoder=RGBEncoderConfig(vcodec=video.codec, extra_options=_QUIET[video.codec]),
+                encoder_threads=video.encoder_threads,
+                streaming_encoding=video.streaming_encoding,
+                encoder_queue_maxsize=max(1, round(video.queue_s * self.fps)),
             )
+        self._frames = 0
 
     def add_frame(self, frame: dict[str, Any]) -> None:
         self._dataset.add_frame(frame)
+        self._frames += 1
 
     def discard(self) -> None:
         """Drop the open episode: its staged images go, the dataset stays as it was."""
@@ -234,6 +257,7 @@ class EpisodeWriter:
             with _quiet_datasets():
                 dataset.save_episode(parallel_encoding=False)
             dataset.finalize()
+            self._check_videos(index, self._journal.added())
         except BaseException:
             logger.error("saving episode {} failed: rolling it back", index)
             with contextlib.suppress(Exception):
@@ -243,3 +267,23 @@ class EpisodeWriter:
         shutil.rmtree(self.root / "images", ignore_errors=True)  # LeRobot's emptied staging
         self._journal.commit(index)
         return time.perf_counter() - start
+
+    def _check_videos(self, index: int, added: list[str]) -> None:
+        """Every camera's video of the episode just saved holds every frame, else
+        ``EpisodeRejectedError`` (the save is then rolled back)."""
+        import av
+
+        videos = [name for name in added if name.startswith("videos/") and name.endswith(".mp4")]
+        cameras = [k for k, spec in self.features.items() if spec["dtype"] == "video"]
+        if len(videos) != len(cameras):
+            raise EpisodeRejectedError(
+                f"episode {index}: {len(videos)} new video files for {len(cameras)} cameras"
+            )
+        for name in videos:
+            with av.open(str(self.root / name)) as container:
+                frames = container.streams.video[0].frames
+            if frames != self._frames:
+                raise EpisodeRejectedError(
+                    f"episode {index}: {name} holds {frames} of {self._frames} frames (the "
+                    "video encoder fell behind: a lighter video.codec, or more CPU)"
+                )
