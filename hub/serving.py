@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +176,6 @@ class FetchService:
         self.allow_list, self.latest, self.may_fetch = allow_list, latest, may_fetch
         self.admission = Admission(max_downloads)
         self.bytes_served = 0
-        self.requests: Counter[str] = Counter()  # decoded requests by type
 
     def source(self, user_id: str | None) -> tuple[str | None, str]:
         """(agent id or None, a label for logs) of a message's authenticated key."""
@@ -200,7 +198,6 @@ class FetchService:
         except p.ProtocolError as error:
             self.faults.record("fetch", source, f"malformed request: {error}")
             return _error(error.code, str(error))
-        self.requests[message.t] += 1
         if isinstance(message, p.Status):
             if agent_id is not None and message.agent_id != agent_id:
                 self.faults.record("fetch", source, f"status claims to be {message.agent_id!r}")

@@ -111,8 +111,6 @@ class AdapterSubscriber:
         self._thread: Any = None
         self._heartbeat_s = 1.0
         self._last_announce = 0.0
-        self._last_status: p.Status | None = None
-        self._last_request = 0.0  # monotonic time of the last request other than a status
         self._logged: set[str] = set()
 
     @classmethod
@@ -203,30 +201,20 @@ class AdapterSubscriber:
         except zmq.Again:  # not connected: the reconnect handshake resends what matters
             return False
         self._status.count(tx=sum(len(f) for f in frames))
-        if not isinstance(message, p.Status):
-            self._last_request = time.monotonic()
         return True
 
-    def _send_status(self, heartbeat: bool = False) -> None:
-        """Tell the hub where this agent stands. A ``heartbeat`` status that says nothing new
-        is not sent while the agent is asking the hub for a version anyway (chunks, or a
-        manifest while it waits its turn): the hub counts those as signs of life
-        (``FleetTable.seen``), so a fleet fetching from a busy hub adds no status a second each
-        to its queue."""
+    def _send_status(self) -> None:
         s = self._status.get()
-        status = p.Status(
-            agent_id=self.agent_id,
-            applied=s.applied,
-            in_use=s.in_use,
-            report=s.report,
-            sync=s.sync,
-            error=s.error,
+        self._send(
+            p.Status(
+                agent_id=self.agent_id,
+                applied=s.applied,
+                in_use=s.in_use,
+                report=s.report,
+                sync=s.sync,
+                error=s.error,
+            )
         )
-        recent = time.monotonic() - self._last_request < self._heartbeat_s
-        if heartbeat and recent and status == self._last_status:
-            return
-        if self._send(status):
-            self._last_status = status
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -264,7 +252,7 @@ class AdapterSubscriber:
         """One pass of the loop; returns when the next status is due."""
         now = time.monotonic()
         if now >= next_status:
-            self._send_status(heartbeat=next_status > 0.0)  # 0.0: a re-sync, always sent
+            self._send_status()
             next_status = now + self._heartbeat_s
         timeout_ms = int(max(0.0, min(next_status - now, 0.1)) * 1000)
         events = dict(poller.poll(timeout_ms))

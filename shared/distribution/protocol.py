@@ -115,8 +115,7 @@ class Latest(Offer):
 
 
 class Status(Message):
-    """Agent -> hub, after every change and every heartbeat (not an unchanged one while the
-    agent fetches): where this agent stands."""
+    """Agent -> hub, every heartbeat and after every change: where this agent stands."""
 
     t: Literal["status"] = "status"
     agent_id: AgentId
