@@ -85,6 +85,7 @@ class DistributionServer:
         self.cache = VersionCache(store)
         #: Canary rollout (``canary:`` in hub.yaml): None without canaries.
         self.gates = GateKeeper(store, canary, self.fleet) if canary and canary.enabled else None
+        self.limits = limits or DistributionLimits()
         self.service = FetchService(
             self.cache,
             self.fleet,
@@ -92,9 +93,8 @@ class DistributionServer:
             self.allow_list,
             self._latest_for,
             self.gates.may_fetch if self.gates is not None else None,
-            (limits or DistributionLimits()).max_downloads,
+            self.limits.max_downloads,
         )
-        self.limits = limits or DistributionLimits()
         self.replies = ReplyRouter(self.service, self.faults, self.limits, curve=keys is not None)
         self._announced: ServedVersion | None = None
         self._current_stamp: tuple[int, int, int] | None = None

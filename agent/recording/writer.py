@@ -118,7 +118,10 @@ class EpisodeWriter:
         video: VideoConfig | None = None,
     ) -> None:
         """``image_writer_threads``: LeRobot's PNG writers when not streaming (0: in the loop)."""
+        import av
+
         os.environ.setdefault("SVT_LOG", "1")  # LeRobot's AV1 encoder: errors only on stderr
+        av.logging.set_libav_level(av.logging.ERROR)  # libx264 reports each file at INFO
         self.root = Path(root).absolute()
         self.repo_id = repo_id or f"zk0/{self.root.name}"
         self.features = features
@@ -208,14 +211,12 @@ class EpisodeWriter:
 
     def begin_episode(self) -> None:
         """Open LeRobot's writer for the next episode (``add_frame`` stages its images)."""
-        import av
         from lerobot.configs.video import RGBEncoderConfig
         from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
         if self._dataset is not None:
             raise RuntimeError("an episode is already open")
         video = self.video
-        av.logging.set_libav_level(av.logging.ERROR)  # libx264 reports each file at INFO
         with _datasets_cache(self.root):
             self._dataset = LeRobotDataset.resume(
                 self.repo_id,
