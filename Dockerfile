@@ -62,6 +62,7 @@ WORKDIR /var/lib/zk0
 ENV HOME=/var/lib/zk0 \
     ZK0_OUTPUTS=/var/log/zk0
 VOLUME ["/var/lib/zk0", "/var/log/zk0"]
-# HubConfig's defaults: Flower SuperLink, adapter announces (PUB), adapter fetches (ROUTER).
-EXPOSE 9092 5556 5557
+# HubConfig's defaults: Flower SuperLink, adapter announces (PUB), adapter fetches (ROUTER),
+# the dashboard (HTTPS with its token when bound beyond loopback).
+EXPOSE 9092 5556 5557 8480
 CMD ["zk0", "--help"]

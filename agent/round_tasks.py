@@ -41,7 +41,7 @@ from zk0.agent.training import (
 )
 from zk0.shared.adapter_wire import pack, unpack_torch
 from zk0.shared.agent_control import ComputeBegin, ComputeEnd
-from zk0.shared.agent_status import Phase
+from zk0.shared.agent_status import Phase, skip_message
 from zk0.shared.config import ConfigError, RobotConfig, load_robot_config
 from zk0.shared.control import ControlError, request
 from zk0.shared.features import PolicyFeatures
@@ -128,7 +128,8 @@ def compute_permission(node: NodeSettings, server_round: int, phase: Phase) -> I
     """Hold the agent daemon's permission to use the compute (none needed without a daemon).
 
     The arm and a running policy come first: while the daemon refuses, ask again every
-    second; after ``train-wait-s`` give up, and the hub counts this agent dropped this round.
+    second; after ``train-wait-s`` give up, and the hub counts this agent skipped this round
+    (``zk0.shared.agent_status.skip_message``).
     The daemon hears how this part of the round ended (its ``last_round``).
     """
     if not node.control_socket:
@@ -151,7 +152,7 @@ def compute_permission(node: NodeSettings, server_round: int, phase: Phase) -> I
         if time.monotonic() >= deadline:
             why = f"busy for {node.train_wait_s:.0f} s ({answer.reason})"
             end("skipped", why)
-            raise RuntimeError(f"{node.agent_id}: {why}; skipping round {server_round}")
+            raise RuntimeError(skip_message(node.agent_id, why, server_round))
         time.sleep(1.0)
     try:
         yield

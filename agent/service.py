@@ -6,7 +6,7 @@ It owns the arm's connection and composes everything else around it:
   engine), kept warm for the daemon's life; new versions are hot-swapped into it, and so are
   new revisions of the arm's local part in the personalized mode (``zk0.agent.personal_follow``);
 * the **adapter subscriber** (ZeroMQ, CURVE), which fetches every version the hub publishes
-  and reports this agent's state, versions and new episodes to the hub;
+  and reports this agent's state, versions, new episodes and dataset statistics to the hub;
 * a supervised **Flower SuperNode** child (``flower-supernode``), restarted with back-off
   when it exits and killed with the daemon (``PR_SET_PDEATHSIG``), and beside it the warm
   **round worker** (``zk0.agent.round_worker``), supervised the same way, that runs each
@@ -41,6 +41,7 @@ from loguru import logger
 
 from zk0.agent.arbiter import AgentState, Arbiter
 from zk0.agent.canary import CanaryFollower
+from zk0.agent.dataset_stats import DatasetStatsPacer
 from zk0.agent.jobs import Job, JobKind, JobResult, JobRunner
 from zk0.agent.ledger import DatasetSize, Ledger, dataset_size
 from zk0.agent.personal_follow import PERSONAL_DIR, PersonalFollower
@@ -91,6 +92,7 @@ class AgentService:
         self.canary = CanaryFollower(
             self.config, self.robot_config, self.task_episodes, self.arbiter, self.lock
         )
+        self.dataset_stats = DatasetStatsPacer(self.dataset_root)  # read once a minute at most
 
     # -- the daemon -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -265,14 +267,13 @@ class AgentService:
             last_round=self.ledger.last_round,
             personal_revision=self.session.slot.personal_revision,
             canary=self.canary.result,
+            dataset=self.dataset_stats.current(),  # on the reports of a few seconds a minute
         )
 
     def _describe(self, report: AgentReport) -> str:
         adapter = self.session.slot.active.label  # v3, or v3+r2 with a local part
-        return (
-            f"{report.state}, adapter {adapter}, {report.episodes_total} episodes "
-            f"({report.episodes_new} new)"
-        )
+        episodes = f"{report.episodes_total} episodes ({report.episodes_new} new)"
+        return f"{report.state}, adapter {adapter}, {episodes}"
 
     def status(self) -> ac.AgentStatus:
         sync = self.subscriber.status()
@@ -378,11 +379,9 @@ class AgentService:
     def _compute_end(self, command: ac.ComputeEnd) -> ac.ComputeReleased:
         with self.lock:
             released = self.arbiter.release_compute(command.pid)
-        outcome: Outcome
+        outcome: Outcome = "skipped" if command.outcome == "skipped" else "dropped"
         if command.outcome == "replied":
             outcome = "trained" if command.phase == "train" else "evaluated"
-        else:
-            outcome = "skipped" if command.outcome == "skipped" else "dropped"
         self._round_ended(command.round, command.phase, outcome, command.reason)
         return ac.ComputeReleased(released=released)
 

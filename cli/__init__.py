@@ -82,6 +82,7 @@ def demo(
     inject_bad_version: Annotated[
         bool | None, typer.Option(help=_demo_help("inject_bad_version"))
     ] = None,
+    keep_serving: Annotated[bool | None, typer.Option(help=_demo_help("keep_serving"))] = None,
 ) -> None:
     """A hub and simulated agents on loopback: record, federate, push, evaluate (offline)."""
     from zk0.hub.demo import run_demo
@@ -97,6 +98,7 @@ def demo(
             outputs=outputs,
             chaos_kill_round=chaos_kill_round,
             inject_bad_version=inject_bad_version,
+            keep_serving=keep_serving,
         )
     )
 

@@ -97,12 +97,25 @@ def run_demo(options: DemoOptions) -> Path:
         demo = Demo(options, run_dir, Path(sockets), env)
         try:
             results = _run(demo, console)
+            (run_dir / RESULTS_FILE).write_text(results.model_dump_json(indent=1) + "\n")
+            _print_table(console, run_dir, results)
+            console.print(f"demo wall time {time.monotonic() - started:.0f} s")
+            if options.keep_serving:
+                _keep_serving(demo, console, results.hub.hub.dashboard)
         finally:
             demo.stop()
-    (run_dir / RESULTS_FILE).write_text(results.model_dump_json(indent=1) + "\n")
-    _print_table(console, run_dir, results)
-    console.print(f"demo wall time {time.monotonic() - started:.0f} s")
     return run_dir
+
+
+def _keep_serving(demo: Demo, console: Console, dashboard: str | None) -> None:
+    """Leave the hub (and its dashboard) and the agents up, supervised, until Ctrl-C."""
+    console.print(f"the hub and its agents keep running; dashboard {dashboard}; Ctrl-C stops them")
+    try:
+        while True:
+            demo.supervise()
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        console.print("stopping the hub and the agents")
 
 
 def _start(demo: Demo, console: Console) -> None:
@@ -110,6 +123,7 @@ def _start(demo: Demo, console: Console) -> None:
     with console.status("starting the hub (SuperLink, distribution, scheduler)"):
         hub = demo.start_hub()
         demo.wait(lambda: hub.answer(hc.Status()) is not None, "the hub", 120)
+    console.print(f"dashboard   {hub.ask(hc.Status()).hub.dashboard}", soft_wrap=True)
     with console.status(f"enrolling and starting {len(agent_ids)} agents"):
         for agent_id in agent_ids:
             demo.enrol_and_start_agent(agent_id)

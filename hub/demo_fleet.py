@@ -26,6 +26,7 @@ from zk0.shared.config import (
     RunsConfig,
 )
 from zk0.shared.control import Command, ControlError, request
+from zk0.shared.dashboard_config import DashboardConfig
 from zk0.shared.processes import ManagedProcess, Supervised, free_port
 from zk0.shared.sim_variants import CLIENT_VARIANTS, variant_config
 from zk0.shared.validation import WireModel
@@ -75,6 +76,13 @@ class DemoOptions(BaseModel):
             description="Gate every version on a canary (the last agent), and after the run "
             "publish a broken one (B x -1) through that gate: it must be rejected, reach no "
             "other agent, and the canary go back.",
+        ),
+    ] = False
+    keep_serving: Annotated[
+        bool,
+        Field(
+            description="After the table, leave the hub, its dashboard and the agents running "
+            "until Ctrl-C.",
         ),
     ] = False
     timeout_s: float = 3600.0
@@ -261,7 +269,7 @@ def loopback_hub_config(folder: Path, **settings: Any) -> HubConfig:
             server_cert=folder / "tls" / "server.crt",
             server_key=folder / "tls" / "server.key",
         ),
-        **{"heartbeat_s": 0.5, **settings},
+        **{"heartbeat_s": 0.5, "dashboard": DashboardConfig(port=free_port()), **settings},
     )
 
 

@@ -3,7 +3,8 @@
 The distribution server keeps the table in memory and writes it to ``<store root>/agents.json``
 (atomically) so that ``zk0-hub agents list`` and the round scheduler can read it from other
 processes. A record keeps the agent's last ``AgentReport`` as the agent sent it (already bounded
-by the protocol's model).
+by the protocol's model), except its ``dataset`` statistics: an agent sends them at most once a
+minute, so a report without them keeps the last ones it sent.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class FleetTable:
         """Record ``status``; returns (previous record, new record)."""
         with self._lock:
             previous = self._records.get(status.agent_id)
+            report = status.report
+            if report.dataset is None and previous is not None:  # sent once a minute: keep it
+                report = report.model_copy(update={"dataset": previous.report.dataset})
             record = AgentRecord(
                 agent_id=status.agent_id,
                 key_id=key_id,
@@ -63,7 +67,7 @@ class FleetTable:
                 applied=status.applied,
                 in_use=status.in_use,
                 sync=status.sync,
-                report=status.report,
+                report=report,
                 error=status.error,
             )
             self._records[status.agent_id] = record

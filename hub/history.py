@@ -8,19 +8,25 @@
     success           {agent: [rate | null, ...]}    closed-loop success per round
     success_average   [rate | null, ...]             the fleet's, pooled (see below)
     success_asked     [episodes, ...]                episodes each round asked of each agent
+    dropped           [{agent: reason}, ...]         training replies the round did not count
+    skipped           [{agent: reason}, ...]         agents that declined it, their arm busy
+    round_s           [seconds | null, ...]          training messages out -> evaluation done
+    aggregation_s     [seconds | null, ...]          robust aggregation + server optimizer step
     aggregation       "fedavg" | "svd" | "ffa"
 
 A rate is a ``zk0.shared.success.SuccessRate`` dump (successes, episodes, rate and its 95 %
 Wilson interval low/high); null where it was not measured: no episode asked, a real arm (never
 driven by a round), an agent absent or its counts refused. The fleet's rate pools successes and
 episodes over the agents measured that round, so an agent that ran more episodes weighs more.
+Round 0 trains nothing: no drops, no skips, null seconds; ``aggregation_s`` is null too in a
+round that aggregated nothing. Files written before a field existed read with those defaults.
 ``eval_mse_chart.png`` draws MSE (left) and success with its interval (right) by round.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,10 @@ class EvalHistory:
     success: dict[str, list[SuccessRate | None]] = field(default_factory=dict)
     success_average: list[SuccessRate | None] = field(default_factory=list)
     success_asked: list[int] = field(default_factory=list)
+    dropped: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    round_s: list[float | None] = field(default_factory=list)
+    aggregation_s: list[float | None] = field(default_factory=list)
 
     def add_round(
         self,
@@ -48,9 +58,18 @@ class EvalHistory:
         examples: dict[str, int],
         success: dict[str, SuccessRate] | None = None,
         success_asked: int = 0,
+        *,
+        dropped: Mapping[str, str] | None = None,
+        skipped: Mapping[str, str] | None = None,
+        round_s: float | None = None,
+        aggregation_s: float | None = None,
     ) -> None:
         """Record one round; agents absent from it (dropped, offline) get ``None`` there."""
         success = success or {}
+        self.dropped.append(dict(sorted((dropped or {}).items())))
+        self.skipped.append(dict(sorted((skipped or {}).items())))
+        self.round_s.append(round_s)
+        self.aggregation_s.append(aggregation_s)
         self.rounds.append(server_round)
         for agent in (*mse, *success):
             self.clients.setdefault(agent, [None] * (len(self.rounds) - 1))
@@ -76,12 +95,17 @@ class EvalHistory:
             "success": {a: [_dump(r) for r in s] for a, s in sorted(self.success.items())},
             "success_average": [_dump(r) for r in self.success_average],
             "success_asked": self.success_asked,
+            "dropped": self.dropped,
+            "skipped": self.skipped,
+            "round_s": self.round_s,
+            "aggregation_s": self.aggregation_s,
             "aggregation": self.aggregation,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalHistory:
-        """Read back ``as_dict`` (files written before success was recorded read too)."""
+        """Read back ``as_dict`` (files written before success, drops, skips or seconds were
+        recorded read too)."""
         rounds = [int(r) for r in data["rounds"]]
         empty: list[None] = [None] * len(rounds)
         clients = {a: list(s) for a, s in data["clients"].items()}
@@ -93,6 +117,10 @@ class EvalHistory:
             success={a: [_load(r) for r in data.get("success", {}).get(a, empty)] for a in clients},
             success_average=[_load(r) for r in data.get("success_average", empty)],
             success_asked=[int(n) for n in data.get("success_asked", [0] * len(rounds))],
+            dropped=_reasons(data.get("dropped"), len(rounds)),
+            skipped=_reasons(data.get("skipped"), len(rounds)),
+            round_s=_seconds(data.get("round_s"), len(rounds)),
+            aggregation_s=_seconds(data.get("aggregation_s"), len(rounds)),
         )
 
     def write(self, folder: Path) -> tuple[Path, Path]:
@@ -226,6 +254,16 @@ def _dump(rate: SuccessRate | None) -> dict[str, Any] | None:
 
 def _load(raw: dict[str, Any] | None) -> SuccessRate | None:
     return None if raw is None else SuccessRate.model_validate(raw)
+
+
+def _reasons(raw: list[dict[str, Any]] | None, rounds: int) -> list[dict[str, str]]:
+    if raw is None:
+        return [{} for _ in range(rounds)]
+    return [{str(agent): str(why) for agent, why in entry.items()} for entry in raw]
+
+
+def _seconds(raw: list[float | None] | None, rounds: int) -> list[float | None]:
+    return [None] * rounds if raw is None else [None if s is None else float(s) for s in raw]
 
 
 def _nan_gaps(series: list[float | None]) -> list[float]:

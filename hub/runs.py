@@ -196,13 +196,17 @@ class FederatedRun:
         )
 
 
-def run_folder(logs_root: Path, index: int) -> Path:
-    """A fresh folder for run ``index``: ``<logs>/<stamp>-run<N>``, or under ``runs/`` of the
-    folder a parent process handed down in ``$ZK0_RUN_DIR``."""
+def runs_root(logs_root: Path) -> Path:
+    """Where run folders go: ``<logs>``, or ``runs/`` of the folder a parent process handed
+    down in ``$ZK0_RUN_DIR``."""
     inherited = os.environ.get(RUN_DIR_ENV)
-    base = Path(inherited) / "runs" if inherited else logs_root
+    return (Path(inherited) / "runs" if inherited else logs_root).resolve()
+
+
+def run_folder(logs_root: Path, index: int) -> Path:
+    """A fresh folder for run ``index``: ``<runs root>/<stamp>-run<N>``."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    return (base / f"{stamp}-run{index}").resolve()
+    return runs_root(logs_root) / f"{stamp}-run{index}"
 
 
 class RunBook(BaseModel):

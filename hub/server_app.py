@@ -12,7 +12,8 @@
    under gate instead of made current, and the next round waits for the gate's decision and
    starts from the newest promoted version (``zk0.hub.gate``).
 4. ``eval_mse_history.json``, ``eval_mse_chart.png`` and a summary table in the run folder:
-   MSE and, where simulated agents ran closed-loop episodes (``success-episodes``), success.
+   MSE and, where simulated agents ran closed-loop episodes (``success-episodes``), success;
+   per round also the agents dropped or skipped and why, and its seconds.
 """
 
 from __future__ import annotations
@@ -323,13 +324,19 @@ def main(grid: Grid, context: Context) -> None:
             report.eval_examples,
             success=report.success,
             success_asked=report.success_asked,
+            dropped=report.dropped,
+            skipped=report.skipped,
+            round_s=report.elapsed_s(),
+            aggregation_s=report.aggregation_s,
         )
         average = history.average[-1]
         if server_round > 0 and report.trained:
             metrics: dict[str, Any] = {
                 "eval_mse": average,
+                "aggregation": settings.aggregation,
                 "clients_trained": len(report.trained),
                 "clients_dropped": len(report.dropped),
+                "clients_skipped": len(report.skipped),
                 "bytes_sent": report.bytes_sent,
                 "bytes_received": report.bytes_received,
                 "train_wall_s": report.train_wall_s,
@@ -338,6 +345,8 @@ def main(grid: Grid, context: Context) -> None:
                 "clientapp_start_s": report.clientapp_start_s,
                 "handover_s": report.handover_s,
             }
+            if report.aggregation_s is not None:
+                metrics["aggregation_s"] = report.aggregation_s
             if (success := history.success_average[-1]) is not None:
                 metrics["eval_success_rate"] = success.rate
                 metrics["eval_success_episodes"] = success.episodes

@@ -36,9 +36,19 @@ from pathlib import Path
 from loguru import logger
 
 from zk0.hub import status as status_view
+from zk0.hub.dashboard.snapshot import FleetSources, SnapshotSource
+from zk0.hub.dashboard.web import DashboardServer
 from zk0.hub.distribution import DistributionServer
 from zk0.hub.enrolment import REGISTRY_FILE, Enrolment
-from zk0.hub.runs import RUNS_FILE, FederatedRun, RunBook, now_iso, run_folder, run_settings
+from zk0.hub.runs import (
+    RUNS_FILE,
+    FederatedRun,
+    RunBook,
+    now_iso,
+    run_folder,
+    run_settings,
+    runs_root,
+)
 from zk0.hub.scheduler import AgentView, Idle, ManualRequest, RunPlan, decide
 from zk0.hub.superlink import CONNECTION, SuperLink, SuperLinkSettings
 from zk0.shared import hub_control as hc
@@ -119,6 +129,7 @@ class HubService:
         )
         self.control: ControlServer | None = None
         self.distribution: DistributionServer | None = None
+        self.dashboard: DashboardServer | None = None
         self.run: FederatedRun | None = None
         self.book_path = self.state_dir / RUNS_FILE
         self.book = RunBook()
@@ -171,6 +182,24 @@ class HubService:
         self.supervisor.start(wait=True)
         self._sync_keys()
         self.distribution = DistributionServer.from_config(config, keys=self.keys).start()
+        if config.dashboard.enabled:
+            self.dashboard = self._dashboard(self.distribution).start()
+
+    def _dashboard(self, distribution: DistributionServer) -> DashboardServer:
+        service = distribution.service
+        sources = FleetSources(
+            store=self.store,
+            agents=distribution.agents,
+            bytes_served=lambda: service.bytes_served,
+            bytes_by_agent=lambda: dict(service.bytes_by_agent),
+            runs_root=runs_root(self.logs_root),
+            heartbeat_s=self.config.heartbeat_s,
+        )
+        assert self.config.keys is not None  # checked by _security
+        token = self.config.dashboard.token_path(self.config.keys.curve_secret.parent)
+        return DashboardServer(
+            self.config.dashboard, SnapshotSource(sources), credential_path(token), self.tls
+        )
 
     def _shutdown(self) -> None:
         notify(STOPPING=1)
@@ -180,6 +209,8 @@ class HubService:
             self._finished(self.run.abandoned("abandoned: hub stopped"))
         if self.control is not None:
             self.control.close()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         if self.distribution is not None:
             self.distribution.stop()
         self.supervisor.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,8 @@ class FetchService:
         self.allow_list, self.latest, self.may_fetch = allow_list, latest, may_fetch
         self.admission = Admission(max_downloads)
         self.bytes_served = 0
+        #: Per downloader (agent id; the connection in plain mode): what the dashboard shows.
+        self.bytes_by_agent: Counter[str] = Counter()
 
     def source(self, user_id: str | None) -> tuple[str | None, str]:
         """(agent id or None, a label for logs) of a message's authenticated key."""
@@ -222,7 +225,7 @@ class FetchService:
                     message.version,
                     BUSY_RETRY_S,
                 )
-            self.bytes_served += len(served.manifest_bytes)
+            self._served(who, len(served.manifest_bytes))
             reply = p.ManifestReply(
                 version=served.version,
                 artifact_id=served.artifact_id,
@@ -231,9 +234,13 @@ class FetchService:
             return p.encode(reply)
         assert isinstance(message, p.GetChunk)
         self.admission.keep(who)
-        return self._chunk(message, source)
+        return self._chunk(message, source, who)
 
-    def _chunk(self, request: p.GetChunk, source: str) -> list[bytes]:
+    def _served(self, who: str, size: int) -> None:
+        self.bytes_served += size
+        self.bytes_by_agent[who] += size
+
+    def _chunk(self, request: p.GetChunk, source: str, who: str) -> list[bytes]:
         served = self.cache.get(request.version)
         if served is None or served.artifact_id != request.artifact_id:
             return _error("unknown_version", "no such version/artifact id", request.version)
@@ -253,7 +260,7 @@ class FetchService:
         if len(data) != request.length:
             self.cache.forget(request.version)
             return _error("unavailable", "the hub cannot read that version", request.version)
-        self.bytes_served += len(data)
+        self._served(who, len(data))
         header = p.ChunkReply(
             version=served.version,
             artifact_id=served.artifact_id,

@@ -49,6 +49,7 @@ def hub_status(hub: HubService) -> hc.HubStatus:
             state_dir=str(hub.state_dir),
             log_dir=str(hub.log_dir),
             trigger=config.runs.trigger,
+            dashboard=hub.dashboard.url if hub.dashboard else None,
         ),
         superlink=hc.SuperLinkView(
             address=hub.link.address,

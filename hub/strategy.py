@@ -10,8 +10,9 @@ and ``zk0.hub.aggregation``, then, if the run asks for one, a server optimizer
 (FedAvgM, FedAdam: ``zk0.hub.server_optimizer``) steps from the round's starting adapter towards
 that aggregate. Should aggregating still fail (any error of those pure functions), the round
 keeps the previous global adapter with a logged reason and the run goes on. The strategy also
-keeps what the hub reports per round: bytes sent and received, dropped and clipped agents, and
-each agent's evaluation MSE and closed-loop success keyed by agent id.
+keeps what the hub reports per round: bytes sent and received, its timings, dropped, skipped
+(an arm that stayed busy: ``zk0.shared.agent_status.skip_of``) and clipped agents, and each
+agent's evaluation MSE and closed-loop success keyed by agent id.
 
 Each evaluate message asks for that round's closed-loop episodes (``success_episodes``, a
 function of the round). A reply's success counts are bounded on their own: ints with
@@ -39,6 +40,7 @@ from zk0.hub.server_optimizer import OptimizerSettings, OptimizerState
 from zk0.hub.server_optimizer import step as server_step
 from zk0.hub.update_rows import ReplyRows
 from zk0.shared.adapter_wire import AdapterLayout, WireError, pack
+from zk0.shared.agent_status import skip_of
 from zk0.shared.artifact import as_stored
 from zk0.shared.federation import (
     AGENT_ID,
@@ -79,6 +81,8 @@ def agent_of(message: Message) -> str:
 class RoundReport:
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: ``time.perf_counter()`` when the training messages went out (None: no training yet).
+    train_started: float | None = None
     #: From sending the training messages to having all replies (Flower's part included).
     train_wall_s: float = 0.0
     #: The slowest accepted client's own training time: the rest of train_wall_s is overhead.
@@ -89,8 +93,13 @@ class RoundReport:
     slowest_task_s: float = 0.0
     clientapp_start_s: float = 0.0
     handover_s: float = 0.0
+    #: Robust aggregation and the server optimizer's step (None: nothing was aggregated).
+    aggregation_s: float | None = None
     trained: list[str] = field(default_factory=list)
+    #: Agents whose training reply did not count, and why (skipped agents are not here).
     dropped: dict[str, str] = field(default_factory=dict)
+    #: Agents that declined the round, their arm kept busy, and why.
+    skipped: dict[str, str] = field(default_factory=dict)
     #: Agents whose replies counted within bounds (update norm clipped, weight capped), and why.
     clipped: dict[str, str] = field(default_factory=dict)
     #: Why the round kept the previous global adapter although replies arrived (None: it did not).
@@ -101,6 +110,10 @@ class RoundReport:
     success_asked: int = 0
     #: Accepted closed-loop results; agents that ran no episode are absent.
     success: dict[str, SuccessRate] = field(default_factory=dict)
+
+    def elapsed_s(self) -> float | None:
+        """Seconds since the training messages went out (None: the round trained nothing)."""
+        return None if self.train_started is None else time.perf_counter() - self.train_started
 
     def add_timing(self, metrics: MetricRecord) -> None:
         """One accepted reply's self-reported seconds: kept where finite and within the round."""
@@ -188,7 +201,6 @@ class LoRAFedAvg(FedAvg):
             self.optimizer_state = optimizer_state or OptimizerState(optimizer.server_optimizer)
         self.reports: dict[int, RoundReport] = {}
         self._reference: dict[int, Arrays] = {}
-        self._train_started: dict[int, float] = {}
 
     def report(self, server_round: int) -> RoundReport:
         return self.reports.setdefault(server_round, RoundReport())
@@ -201,7 +213,7 @@ class LoRAFedAvg(FedAvg):
         reference = self._reference[server_round] = to_numpy(arrays)
         wire = pack(reference)
         messages = list(super().configure_train(server_round, wire, config, grid))
-        self._train_started[server_round] = time.perf_counter()
+        self.report(server_round).train_started = time.perf_counter()
         self.report(server_round).bytes_sent += wire.count_bytes() * len(messages)
         return messages
 
@@ -221,7 +233,7 @@ class LoRAFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         reference = self._reference.pop(server_round)
         report = self.report(server_round)
-        report.train_wall_s = time.perf_counter() - self._train_started.pop(server_round)
+        report.train_wall_s = report.elapsed_s() or 0.0
         accepted: list[RecordDict] = []
         updates: list[ClientUpdate] = []
         held = self.held_frames() if self.held_frames is not None else {}
@@ -229,6 +241,11 @@ class LoRAFedAvg(FedAvg):
         rows = ReplyRows(AdapterLayout.of(reference), len(replies))
         for message in replies:
             agent = agent_of(message)
+            if message.has_error() and (skip := skip_of(message.error.reason)) is not None:
+                agent, busy = skip  # its text names the agent: an error reply has no meta
+                report.skipped[agent] = busy
+                logger.warning("round {}: {} skipped the round: {}", server_round, agent, busy)
+                continue
             reason, update = self._check_train_reply(message, agent, reference, rows)
             if update is not None and 0 < held.get(agent, 0) < update.num_examples:
                 report.clipped[agent] = (
@@ -260,12 +277,14 @@ class LoRAFedAvg(FedAvg):
             )
             return None, None
         try:
+            started = time.perf_counter()
             result = robust_aggregate(self.aggregation, updates, reference, self.robust)
             merged, optimizer_state = result.arrays, self.optimizer_state
             if self.optimizer is not None and optimizer_state is not None:
                 merged, optimizer_state = server_step(
                     reference, merged, optimizer_state, self.optimizer
                 )
+            report.aggregation_s = time.perf_counter() - started
             if self.accept is not None and (why := self.accept(merged)) is not None:
                 raise AggregationError(f"the aggregate is out of bounds: {why}")
         # Whatever the maths raises (LinAlgError, overflow, a bug), one round's replies must
@@ -293,7 +312,7 @@ class LoRAFedAvg(FedAvg):
             if update.client not in result.rejected
         ]
         logger.info(
-            "round {}: aggregated {} replies ({}{}), dropped {}, bounded {}",
+            "round {}: aggregated {} replies ({}{}), dropped {}, skipped {}, bounded {}",
             server_round,
             len(counted),
             self.aggregation,
@@ -301,6 +320,7 @@ class LoRAFedAvg(FedAvg):
             if self.optimizer_state is not None
             else "",
             sorted(report.dropped) or "none",
+            sorted(report.skipped) or "none",
             sorted(report.clipped) or "none",
         )
         return to_record(merged), aggregate_metricrecords(counted, self.weighted_by_key)

@@ -7,6 +7,7 @@ weigh and show the totals, so an agent (buggy or hostile) cannot make it store a
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal, Self
 
 from pydantic import Field, model_validator
@@ -40,6 +41,25 @@ class RoundOutcome(WireModel):
     at: Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
+def skip_message(agent_id: str, why: str, server_round: int) -> str:
+    """What an agent raises when it declines a round because its arm kept the compute busy
+    (``zk0.agent.round_tasks``); the hub finds it in the error reply with :func:`skip_of` and
+    counts the agent skipped, not dropped."""
+    return f"{agent_id}: {why}; skipping round {server_round}"
+
+
+# Anywhere in the reason: Flower wraps the ClientApp's exception ("<class '...'>:<'...'>"), the
+# round worker prefixes its own ("round worker (train): RuntimeError: ...").
+_SKIP = re.compile(r"(?<![\w.-])([a-z0-9][a-z0-9_-]{0,62}): (.+); skipping round \d+")
+
+
+def skip_of(reason: str | None) -> tuple[str, str] | None:
+    """(agent id, why) where an error reply's ``reason`` holds a :func:`skip_message`, else
+    None (an error of any other kind, or none: the hub counts that agent dropped)."""
+    match = _SKIP.search(reason or "")
+    return (match[1], match[2]) if match else None
+
+
 class VersionScore(WireModel):
     """How one version did on a canary: held-out MSE on the arm's own episodes and
     closed-loop success (simulated arms; operator labels on real arms), with what they rest on."""
@@ -67,6 +87,43 @@ class CanaryEvaluation(WireModel):
     complete: bool = False
 
 
+#: Per-joint statistics, bounded far beyond any arm's units (degrees, millimetres, percent).
+#: Strict floats, but a list is taken as well as a tuple (a wire map holds arrays; the hub's
+#: ``agents.json`` is read back from JSON).
+Mean = Annotated[float, Field(strict=True, ge=-1e6, le=1e6, allow_inf_nan=False)]
+Variance = Annotated[float, Field(strict=True, ge=0, le=1e12, allow_inf_nan=False)]
+MAX_JOINTS = 64
+#: A status carries ``AgentReport.dataset`` at most this often (the hub keeps the last).
+DATASET_STATS_EVERY_S = 60.0
+Means = Annotated[tuple[Mean, ...], Field(min_length=1, max_length=MAX_JOINTS, strict=False)]
+Variances = Annotated[
+    tuple[Variance, ...], Field(min_length=1, max_length=MAX_JOINTS, strict=False)
+]
+
+
+class DatasetStats(WireModel):
+    """The per-joint mean and variance of the arm's state and action over its whole dataset
+    (LeRobot's own aggregated ``meta/stats.json``), so the hub can flag an arm whose data drifted
+    from the normalization the fleet shares. A few hundred numbers, never frames."""
+
+    #: The frames the statistics rest on.
+    frames: Annotated[int, Field(ge=0, le=MAX_FRAMES)]
+    state_mean: Means
+    state_var: Variances
+    action_mean: Means
+    action_var: Variances
+
+    @model_validator(mode="after")
+    def _one_value_per_joint(self) -> Self:
+        for name in ("state", "action"):
+            means, variances = getattr(self, f"{name}_mean"), getattr(self, f"{name}_var")
+            if len(means) != len(variances):
+                raise ValueError(
+                    f"{name}_mean has {len(means)} joints but {name}_var has {len(variances)}"
+                )
+        return self
+
+
 class AgentReport(WireModel):
     """The agent's activity and its dataset, as it reports them."""
 
@@ -84,3 +141,7 @@ class AgentReport(WireModel):
     personal_revision: Annotated[int, Field(ge=1, le=2**53)] | None = None
     #: Canary rollout: this arm's evaluation of the version under gate (None: none done).
     canary: CanaryEvaluation | None = None
+    #: The dataset's per-joint statistics: what the hub compares with the fleet's shared
+    #: normalization. On one status a minute (``DATASET_STATS_EVERY_S``; None in between: the
+    #: hub keeps the last it received); None too before the first episode.
+    dataset: DatasetStats | None = None

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from zk0.shared.adapter_bounds import AdapterBounds
+from zk0.shared.dashboard_config import DashboardConfig
 from zk0.shared.distribution.limits import DistributionLimits
 from zk0.shared.validation import ConfigError as ConfigError
 from zk0.shared.validation import load_yaml_model
@@ -302,8 +303,7 @@ class CanaryConfig(StrictModel):
     )  # fmt: skip
     mse_margin: float = Field(
         default=0.05, ge=0.0, le=10.0,
-        description="Reject when the candidate's held-out MSE exceeds the current version's by "
-        "more than this fraction.",
+        description="Reject when the candidate's MSE exceeds the current's by over this fraction.",
     )  # fmt: skip
     timeout_s: float = Field(
         default=1800.0, gt=0.0, le=7 * 86400.0,
@@ -327,22 +327,22 @@ class HubConfig(StrictModel):
     tls: HubTls | None = None
     policy: str = "lerobot/smolvla_base"
     heartbeat_s: Annotated[float, Field(gt=0)] = 1.0
-    #: SuperLink database, Flower home, enrolment registry and (by default) the control
-    #: socket. Default ``<store_root>/../hub-state``: derived from this file alone (not from
-    #: systemd's ``$STATE_DIRECTORY``), so that ``zk0-hub status`` run by an operator finds
-    #: the socket the daemon made.
+    #: SuperLink database, Flower home, enrolment registry and (by default) the control socket.
+    #: Default ``<store_root>/../hub-state``: derived from this file alone (not systemd's
+    #: ``$STATE_DIRECTORY``), so ``zk0-hub status`` run by an operator finds the daemon's socket.
     state_dir: Path | None = None
     #: The daemon's control socket (``zk0-hub status``); default ``<state dir>/hub.sock``.
     control_socket: Path | None = None
     runs: RunsConfig = Field(default_factory=RunsConfig)
     distribution_limits: DistributionLimits = Field(default_factory=DistributionLimits)
     canary: CanaryConfig = Field(default_factory=CanaryConfig)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> Self:
-        ports = [self.flower_port, self.publish_port, self.fetch_port]
+        ports = [self.flower_port, self.publish_port, self.fetch_port, self.dashboard.port]
         if len(set(ports)) != len(ports):
-            raise ValueError(f"flower_port, publish_port and fetch_port must differ, got {ports}")
+            raise ValueError(f"ports must differ (flower, publish, fetch, dashboard): {ports}")
         return self
 
     @property

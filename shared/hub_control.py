@@ -58,6 +58,8 @@ class HubInfo(WireModel):
     state_dir: str
     log_dir: str
     trigger: str
+    #: The dashboard's address (None: disabled).
+    dashboard: str | None = None
 
 
 class SuperLinkView(WireModel):

@@ -385,3 +385,19 @@ def systemd(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSy
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     yield fake
     fake.close()
+
+
+# -- headless Chromium (the dashboard's tests; zk0.bench._chromium) ------------------------------
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    """The Chromium executable. Without one the test skips, or fails where CI (.ci/run) sets
+    ZK0_REQUIRE_CHROMIUM=1, as for systemd-analyze."""
+    from zk0.bench._chromium import find_chromium
+
+    path = find_chromium()
+    if path is None:
+        message = "chromium not installed: apt-get install chromium"
+        if os.environ.get("ZK0_REQUIRE_CHROMIUM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

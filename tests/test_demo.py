@@ -68,6 +68,8 @@ def test_a_killed_agent_restarts_and_converges_and_a_broken_version_is_stopped_a
     assert "zk0 demo: 2 simulated SO-101 agents" in printed and f"v{newest}" in printed
     assert "eval_mse_chart.png" in printed and "mean success over agents" in printed
     assert "demo wall time" in printed
+    assert f"dashboard   {results.hub.hub.dashboard}" in printed
+    assert results.hub.hub.dashboard and results.hub.hub.dashboard.startswith("http://127.0.0.1:")
 
     # Every round's version went through the gate on the canary's evaluation.
     rounds = [g for g in results.hub.gates if g.version <= newest]

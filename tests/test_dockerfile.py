@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from zk0.shared.config import HubConfig
+from zk0.shared.dashboard_config import DashboardConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -209,5 +210,6 @@ def test_environment_and_ports() -> None:
     assert "HF_HUB_OFFLINE" not in env  # the user's choice
     defaults = HubConfig.model_fields
     expected = {defaults[name].default for name in ("flower_port", "publish_port", "fetch_port")}
+    expected.add(DashboardConfig.model_fields["port"].default)
     (exposed,) = _all("EXPOSE")
     assert {int(port) for port in exposed.split()} == expected

@@ -597,6 +597,7 @@ def _fleet_round(fleet: Fleet) -> None:
     )
     hub_status = _json(fleet.cli("zk0-hub", "status", "--config", str(hub_yaml), "--json"))
     agent_status = _json(fleet.cli("zk0-agent", "status", "--config", str(agent_yaml), "--json"))
+    _dashboard_shows_the_run(hub_status["hub"]["dashboard"], version)
     (seen,) = hub_status["agents"]
     assert seen["agent_id"] == "arm-01" and seen["in_use"] == version, seen
     assert hub_status["runs_completed"] == 1 and hub_status["last_run"]["error"] is None
@@ -641,3 +642,25 @@ def _fleet_round(fleet: Fleet) -> None:
     }
     assert trained_in and trained_in.isdisjoint({"flwr-clientapp", "zk0-agent"}), trained_in
     assert "zk0.agent.round_tasks" not in by_program["flwr-clientapp"]
+
+
+def _dashboard_shows_the_run(dashboard: str, version: int) -> None:
+    """The installed hub's dashboard (templates and script are package data) shows the real
+    run: the agent on its version, the round on the Runs page, and the same in /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fleet_page = httpx.get(dashboard, timeout=30).text
+    assert 'data-agent="arm-01"' in fleet_page and f">v{version}<" in fleet_page, fleet_page
+    assert "setTimeout(refresh" in httpx.get(dashboard + "static/dashboard.js", timeout=30).text
+    runs_page = httpx.get(dashboard + "runs", timeout=30).text
+    assert 'data-run="1"' in runs_page and 'class="point"' in runs_page, runs_page
+    scraped = httpx.get(dashboard + "metrics", timeout=30).text
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(scraped)
+        for s in family.samples
+        if not s.labels
+    }
+    assert samples["zk0_round_duration_seconds_count"] == 1, scraped
+    assert samples["zk0_versions"] == version + 1 and samples["zk0_agents_online"] == 1

@@ -33,7 +33,7 @@ from zmq.utils.monitor import recv_monitor_message
 from zk0.agent.distribution.state import StatusBox, SubscriberOptions, SubscriberStatus
 from zk0.agent.distribution.updater import BaseNorms, OnNewVersion, Updater
 from zk0.shared.adapter_bounds import AdapterBounds, PolicyBaseNorms
-from zk0.shared.agent_status import AgentReport
+from zk0.shared.agent_status import DATASET_STATS_EVERY_S, AgentReport
 from zk0.shared.config import AgentConfig, AgentKeys, HubAddress
 from zk0.shared.distribution import protocol as p
 from zk0.shared.distribution.keys import KeyPair, load_keypair, load_public_key, require_curve
@@ -93,6 +93,7 @@ class AdapterSubscriber:
                 f"distribution_limits.max_chunks_in_flight ({self.limits.max_chunks_in_flight})"
             )
         self._status = StatusBox(agent_id)
+        self._dataset_sent_at = -DATASET_STATS_EVERY_S  # the first status carries them
         self.updater = Updater(
             AdapterStore(store_root),
             self.options,
@@ -204,17 +205,22 @@ class AdapterSubscriber:
         return True
 
     def _send_status(self) -> None:
+        """The status, its report's dataset statistics on one status a minute (the hub keeps
+        the last it received): the first sent, then one each ``DATASET_STATS_EVERY_S``."""
         s = self._status.get()
-        self._send(
-            p.Status(
-                agent_id=self.agent_id,
-                applied=s.applied,
-                in_use=s.in_use,
-                report=s.report,
-                sync=s.sync,
-                error=s.error,
-            )
+        now = time.monotonic()
+        due = now - self._dataset_sent_at >= DATASET_STATS_EVERY_S
+        report = s.report if due else s.report.model_copy(update={"dataset": None})
+        status = p.Status(
+            agent_id=self.agent_id,
+            applied=s.applied,
+            in_use=s.in_use,
+            report=report,
+            sync=s.sync,
+            error=s.error,
         )
+        if self._send(status) and report.dataset is not None:
+            self._dataset_sent_at = now
 
     # -- the loop ----------------------------------------------------------------------------
 

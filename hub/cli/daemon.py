@@ -70,6 +70,8 @@ def _print_status(s: hc.HubStatus) -> None:
     restarts = f", {link.restarts} restarts, last: {link.last_exit}" if link.restarts else ""
     typer.echo(f"hub        pid {hub.pid} since {hub.started_at}, trigger {hub.trigger}")
     typer.echo(f"superlink  {link.address} {state}{restarts}")
+    if hub.dashboard:
+        typer.echo(f"dashboard  {hub.dashboard}")
     versions = s.versions
     stored = f"{len(versions)} stored" + (f", v{versions[0]}..v{versions[-1]}" if versions else "")
     typer.echo(f"adapters   current v{version_label(s.current_version)} ({stored})")

@@ -29,6 +29,7 @@ def keys_init(
 ) -> None:
     """Make the hub's CURVE key pair (secret 0600) and, with a tls: section, the SuperLink's
     CA and server certificate; files that exist are kept, never overwritten."""
+    from zk0.hub.dashboard.token import create_token
     from zk0.shared.distribution.keys import (
         KeyFileError,
         create_keypair,
@@ -48,6 +49,9 @@ def keys_init(
         typer.echo(f"hub key {key_id(pair.public)}: secret {keys.curve_secret} (0600)")
     keys.allow_list_dir.mkdir(parents=True, exist_ok=True)
     typer.echo(f"copy {keys.curve_public} to every agent (its keys.hub_curve_public)")
+    token_path = hub.dashboard.token_path(keys.curve_secret.parent)
+    _, made = create_token(token_path)
+    typer.echo(f"dashboard token: {token_path} ({'made, 0600' if made else 'exists, kept'})")
     if hub.tls is None:
         typer.echo(
             f"no tls: section in {config}: zk0-hub run needs one (ca_cert, server_cert, ...)"
