@@ -30,7 +30,7 @@ from zk0.shared.agent_status import AgentReport
 from zk0.shared.config import AGENT_ID_PATTERN
 from zk0.shared.validation import Protocol, ProtocolVersionError, WireModel, describe
 
-PROTOCOL = Protocol("adapter distribution", "2.3")
+PROTOCOL = Protocol("adapter distribution", "2.4")
 #: First frame of every message on the PUB socket (agents subscribe to it).
 ANNOUNCE_TOPIC = b"zk0.adapter"
 #: Chunk size agents ask for by default, and the most the hub serves in one reply.
