@@ -267,7 +267,7 @@ class AgentService:
             last_round=self.ledger.last_round,
             personal_revision=self.session.slot.personal_revision,
             canary=self.canary.result,
-            dataset=self.dataset_stats.current(),  # on the reports of a few seconds a minute
+            dataset=self.dataset_stats.current(),  # the subscriber sends it once a minute
         )
 
     def _describe(self, report: AgentReport) -> str:

@@ -168,6 +168,11 @@ def test_beyond_loopback_every_page_and_metrics_need_the_token(
 
     # A person signs in once; the cookie holds no token, and a rotation ends the session.
     assert client.post("/login", data={"token": "nope", "next": "/"}).status_code == 401
+    elsewhere = client.post("/login", data={"token": token, "next": "//evil.example/"})
+    assert elsewhere.headers["location"] == "/"  # never sent to another site
+    assert client.post("/login", content=b"token=" + b"x" * 10_000).status_code == 413
+    assert "default-src 'self'" in refused.headers["content-security-policy"]
+    client.cookies.clear()
     signed = client.post("/login", data={"token": token, "next": "/versions"})
     assert signed.status_code == 303 and signed.headers["location"] == "/versions"
     assert token not in signed.headers["set-cookie"]

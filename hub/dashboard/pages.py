@@ -61,8 +61,8 @@ def fleet_rows(snapshot: Snapshot) -> list[AgentRow]:
         report = r.report
         last = report.last_round
         state = report.state + (f" ({report.job})" if report.job else "")
-        if r.sync not in ("unknown", "synced"):
-            state += f", {r.sync}"
+        if r.sync != "up_to_date":  # fetching, queued, hub_silent, denied: worth a glance
+            state += f", {r.sync.replace('_', ' ')}"
         rows.append(
             AgentRow(
                 agent_id=r.agent_id,

@@ -40,7 +40,7 @@ from zk0.hub.dashboard import metrics
 from zk0.hub.dashboard import pages as views
 from zk0.hub.dashboard.attention import attention
 from zk0.hub.dashboard.snapshot import SnapshotSource
-from zk0.hub.dashboard.token import TokenFile, session_value
+from zk0.hub.dashboard.token import TokenError, TokenFile, session_value
 from zk0.shared.dashboard_config import DashboardConfig
 from zk0.shared.flower_keys import TlsFiles
 
@@ -52,6 +52,14 @@ PAGES = {
     "/attention": ("attention", "Attention"),
 }
 SESSION_COOKIE = "zk0_dashboard"
+#: On every response: nothing is loaded from anywhere but this dashboard, nor framed.
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'self'; frame-ancestors 'none'; form-action 'self'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+#: The login form is one token and one path.
+MAX_FORM_BYTES = 4096
 STATIC = {"dashboard.css": "text/css", "dashboard.js": "text/javascript"}
 START_TIMEOUT_S = 10.0
 
@@ -66,10 +74,19 @@ class TokenGate(BaseHTTPMiddleware):
         self.token = token
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        response = await self._gate(request, call_next)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    async def _gate(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         path = request.url.path
         if self.token is None or path == "/login" or path.startswith("/static/"):
             return await call_next(request)
-        token = self.token.current()
+        try:
+            token = self.token.current()
+        except (OSError, TokenError) as error:  # closed, not open, while the file is broken
+            logger.error("dashboard: {}", error)
+            return Response("the dashboard token is unreadable\n", 503, media_type="text/plain")
         bearer = request.headers.get("authorization", "")
         if bearer.startswith("Bearer ") and _same(bearer[7:].strip(), token):
             return await call_next(request)
@@ -149,10 +166,15 @@ class Dashboard:
     async def login(self, request: Request) -> Response:
         if request.method == "GET":
             return _login_form(request, request.query_params.get("next", "/"), 200)
-        form = parse_qs((await request.body()).decode(errors="replace"))
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                return Response("form too large\n", 413, media_type="text/plain")
+        form = parse_qs(body.decode(errors="replace"))
         next_path = form.get("next", ["/"])[0]
-        if not next_path.startswith("/") or next_path.startswith("//"):
-            next_path = "/"  # only this dashboard's own pages
+        if next_path not in PAGES:
+            next_path = "/"  # only this dashboard's own pages, never another site
         if self.token is None:
             return RedirectResponse(next_path, 303)
         token = self.token.current()
