@@ -28,15 +28,8 @@ from zk0.shared.store import AdapterStore
 _REFUSED = re.compile(r"^refused v(\d+): ")
 _FAULT_LOG_WINDOW_S = 10.0
 _FAULT_LOG_PER_WINDOW = 5
-#: A busy hub tells an agent to ask for its manifest again after this long at least (the agent
-#: adds jitter), and at most ``MAX_BUSY_RETRY_S`` however long the queue (``Admission``).
+#: A busy hub tells an agent to ask for its manifest again after this long (it adds jitter).
 BUSY_RETRY_S = 2.0
-MAX_BUSY_RETRY_S = 30.0
-#: The waiting agents' asks per download that ends: enough that a freed slot is taken within a
-#: fraction of a download, few enough that a long queue costs little.
-POLLS_PER_FREE_SLOT = 4.0
-#: A download's duration before any has been seen (a 2.6 MB version over a LAN, verified).
-DOWNLOAD_S_PRIOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -129,50 +122,28 @@ class Admission:
     ``fetching``, or after ``idle_s`` without a request (an agent that went away). The chunk
     requests queued at the hub are then at most ``limit`` x the agents' credit, whatever the
     fleet's size, so each waits seconds, not minutes, and agents do not ask twice.
-
-    How long a refused agent waits (:meth:`retry_after_s`) grows with the queue: the waiting
-    agents together still ask about ``POLLS_PER_FREE_SLOT`` times as often as a slot frees (so
-    no slot idles), and no more often than that (each ask costs the fleet's bytes and the hub's
-    CPU); between ``BUSY_RETRY_S`` and ``MAX_BUSY_RETRY_S``.
     """
 
     def __init__(self, limit: int, idle_s: float = 30.0) -> None:
         self.limit, self.idle_s = limit, idle_s
-        self._open: dict[str, tuple[float, float]] = {}  # agent -> (opened, last request)
-        self._waiting: dict[str, float] = {}  # refused agent -> when last refused
-        self._download_s = DOWNLOAD_S_PRIOR  # smoothed duration of a download
+        self._open: dict[str, float] = {}  # agent -> monotonic time of its last request
         self.refused = 0
 
     def admit(self, who: str) -> bool:
         now = time.monotonic()
         if who not in self._open and len(self._open) >= self.limit:
-            self._open = {w: t for w, t in self._open.items() if now - t[1] < self.idle_s}
+            self._open = {w: t for w, t in self._open.items() if now - t < self.idle_s}
             if len(self._open) >= self.limit:
                 self.refused += 1
-                self._waiting[who] = now
                 return False
-        self._waiting.pop(who, None)
-        opened = self._open.get(who, (now, now))[0]
-        self._open[who] = (opened, now)
+        self._open[who] = now
         return True
 
     def keep(self, who: str) -> None:
-        now = time.monotonic()
-        self._open[who] = (self._open.get(who, (now, now))[0], now)
+        self._open[who] = time.monotonic()
 
     def close(self, who: str) -> None:
-        if (times := self._open.pop(who, None)) is not None:
-            took = time.monotonic() - times[0]
-            self._download_s += 0.1 * (took - self._download_s)
-
-    def retry_after_s(self) -> float:
-        """What to tell a refused agent: the wait that keeps the queue's asks at
-        ``POLLS_PER_FREE_SLOT`` per freed slot."""
-        now = time.monotonic()
-        self._waiting = {w: t for w, t in self._waiting.items() if now - t < 2 * MAX_BUSY_RETRY_S}
-        frees_per_s = self.limit / max(self._download_s, 0.1)
-        wait = len(self._waiting) / (POLLS_PER_FREE_SLOT * frees_per_s)
-        return round(min(max(wait, BUSY_RETRY_S), MAX_BUSY_RETRY_S), 1)
+        self._open.pop(who, None)
 
     @property
     def open(self) -> int:
@@ -252,7 +223,7 @@ class FetchService:
                     "busy",
                     f"{self.admission.open} downloads in flight (max_downloads); ask again later",
                     message.version,
-                    self.admission.retry_after_s(),
+                    BUSY_RETRY_S,
                 )
             self._served(who, len(served.manifest_bytes))
             reply = p.ManifestReply(

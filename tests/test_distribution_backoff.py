@@ -14,7 +14,6 @@ from fake_hub import FakeHub
 
 from zk0.agent.distribution.state import StatusBox, SubscriberOptions
 from zk0.agent.distribution.updater import Updater
-from zk0.hub.serving import BUSY_RETRY_S, MAX_BUSY_RETRY_S, Admission
 from zk0.shared.artifact import reversion_artifact
 from zk0.shared.distribution import protocol as p
 from zk0.shared.store import AdapterStore
@@ -93,25 +92,3 @@ def test_a_request_the_hub_dropped_is_asked_again_on_the_next_reply_not_after_a_
     assert time.monotonic() - started < 5.0
     again = [r for r in hub.served if r == dropped]
     assert len(again) == 1  # asked again once, after the reply to the chunk sent after it
-
-
-def test_a_busy_hub_spaces_the_asks_of_a_long_queue_and_not_of_a_short_one() -> None:
-    admission = Admission(limit=2)
-    assert admission.admit("a") and admission.admit("b")
-    for index in range(3):
-        assert not admission.admit(f"waiting-{index}")
-    assert admission.retry_after_s() == BUSY_RETRY_S  # a short queue asks again soon
-    for index in range(3, 100):
-        admission.admit(f"waiting-{index}")
-    # 100 waiting for 2 slots, one freeing a second (downloads of 2 s, the prior): asking 4
-    # times per freed slot, each asks every 25 s.
-    assert admission.retry_after_s() == 25.0
-    for index in range(100, 1000):
-        admission.admit(f"waiting-{index}")
-    assert admission.retry_after_s() == MAX_BUSY_RETRY_S
-    admission.close("a")
-    admission.close("b")
-    for index in range(990):  # their turns came
-        assert admission.admit(f"waiting-{index}")
-        admission.close(f"waiting-{index}")
-    assert admission.retry_after_s() == BUSY_RETRY_S
