@@ -88,6 +88,12 @@ def flower_task_identity() -> Iterator[None]:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
 def write_result(path: Path | None, result: dict[str, Any], summary: str) -> None:
     """Print the one-line summary; write the JSON (with the summary and machine) if asked."""
     result = {**result, "summary": summary, "machine": machine_info()}

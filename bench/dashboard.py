@@ -32,7 +32,7 @@ import typer
 from loguru import logger
 
 from zk0.bench._chromium import Chromium, find_chromium
-from zk0.bench._common import source_revision, write_result
+from zk0.bench._common import percentile, source_revision, write_result
 from zk0.bench._dashboard_fleet import DashboardHub, report
 from zk0.hub.dashboard.web import PAGES
 
@@ -41,15 +41,10 @@ MAX_PAGE_MS, MAX_EVENT_S = 2000.0, 5.0
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def _stats(values: list[float], digits: int) -> dict[str, float]:
     return {
         "p50": round(statistics.median(values), digits),
-        "p95": round(_percentile(values, 0.95), digits),
+        "p95": round(percentile(values, 0.95), digits),
         "max": round(max(values), digits),
         "n": len(values),
     }
@@ -82,7 +77,7 @@ def measure(agents: int, loads: int, events: int, work: Path, chromium: str) -> 
                 for _ in range(loads):
                     own.append(browser.open(hub.url.rstrip("/") + path))
                     wall.append(browser.wall_ms)
-                pages[name] = _stats(own, 1) | {"wall_p95": round(_percentile(wall, 0.95), 1)}
+                pages[name] = _stats(own, 1) | {"wall_p95": round(percentile(wall, 0.95), 1)}
                 logger.warning("{}: {}", name, pages[name])
             browser.open(hub.url)
             browser.evaluate("window.notReloaded = true")
@@ -113,7 +108,7 @@ def measure(agents: int, loads: int, events: int, work: Path, chromium: str) -> 
         "pages": pages,
         "page_ms_p95": {name: figures["p95"] for name, figures in pages.items()},
         "event_to_display_s": _stats(delays, 2),
-        "event_to_display_s_p95": round(_percentile(delays, 0.95), 2),
+        "event_to_display_s_p95": round(percentile(delays, 0.95), 2),
         "events": events,
         "page_reloaded_during_events": reloaded,
         "hub_exit_code": hub.returncode,

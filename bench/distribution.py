@@ -40,11 +40,6 @@ from zk0.shared.config import DEFAULT_ROBOT_CONFIG, HubConfig
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def _loopback_bytes() -> int:
     for line in Path("/proc/net/dev").read_text().splitlines():
         name, _, data = line.partition(":")
@@ -220,6 +215,8 @@ def measure(
 
 def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Pool the repetitions of one (fleet size, mode)."""
+    from zk0.bench._common import percentile  # torch: kept out of the fleet's workers
+
     latencies = [x for s in samples for x in s["latencies_s"]]
     app_bytes = [x for s in samples for x in s["app_bytes"]]
     loopback = [x for s in samples for x in s["loopback_bytes"]]
@@ -231,7 +228,7 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "adapter_bytes": samples[0]["adapter_bytes"],
         "samples": len(latencies),
         "p50_s": statistics.median(latencies),
-        "p95_s": _percentile(latencies, 0.95),
+        "p95_s": percentile(latencies, 0.95),
         "max_s": max(latencies),
         "app_bytes_per_agent_per_version": statistics.median(app_bytes) if app_bytes else None,
         "loopback_bytes_per_agent_per_version": statistics.median(loopback),

@@ -190,7 +190,6 @@ class HubService:
         sources = FleetSources(
             store=self.store,
             agents=distribution.agents,
-            bytes_served=lambda: service.bytes_served,
             bytes_by_agent=lambda: dict(service.bytes_by_agent),
             runs_root=runs_root(self.logs_root),
             heartbeat_s=self.config.heartbeat_s,

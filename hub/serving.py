@@ -176,8 +176,8 @@ class FetchService:
         self.cache, self.fleet, self.faults = cache, fleet, faults
         self.allow_list, self.latest, self.may_fetch = allow_list, latest, may_fetch
         self.admission = Admission(max_downloads)
-        self.bytes_served = 0
-        #: Per downloader (agent id; the connection in plain mode): what the dashboard shows.
+        #: Bytes of manifests and chunks served, per downloader (agent id; the connection in
+        #: plain mode).
         self.bytes_by_agent: Counter[str] = Counter()
 
     def source(self, user_id: str | None) -> tuple[str | None, str]:
@@ -225,7 +225,7 @@ class FetchService:
                     message.version,
                     BUSY_RETRY_S,
                 )
-            self._served(who, len(served.manifest_bytes))
+            self.bytes_by_agent[who] += len(served.manifest_bytes)
             reply = p.ManifestReply(
                 version=served.version,
                 artifact_id=served.artifact_id,
@@ -236,9 +236,9 @@ class FetchService:
         self.admission.keep(who)
         return self._chunk(message, source, who)
 
-    def _served(self, who: str, size: int) -> None:
-        self.bytes_served += size
-        self.bytes_by_agent[who] += size
+    @property
+    def bytes_served(self) -> int:
+        return self.bytes_by_agent.total()
 
     def _chunk(self, request: p.GetChunk, source: str, who: str) -> list[bytes]:
         served = self.cache.get(request.version)
@@ -260,7 +260,7 @@ class FetchService:
         if len(data) != request.length:
             self.cache.forget(request.version)
             return _error("unavailable", "the hub cannot read that version", request.version)
-        self._served(who, len(data))
+        self.bytes_by_agent[who] += len(data)
         header = p.ChunkReply(
             version=served.version,
             artifact_id=served.artifact_id,

@@ -58,7 +58,6 @@ SUCCESS_EPISODES = "success-episodes"
 #: records it with its local revision in the personalized mode; absent: not recorded).
 FLEET_VERSION = "fleet-version"
 
-
 FlowerValue = str | int | float | bool
 
 

@@ -74,7 +74,6 @@ def test_attention_names_each_arm_that_needs_a_person_and_why(tmp_path: Path) ->
             agent("arm-d", drift=True),
             agent("arm-e"),
         ],
-        bytes_served=0,
         bytes_by_agent={},
         current=2,
         current_since=now - 400,
@@ -114,8 +113,7 @@ def tls_dashboard(tmp_path: Path, tiny_adapters: list[Path]) -> Iterator[tuple[A
     sources = FleetSources(
         store=store,
         agents=lambda: [],
-        bytes_served=lambda: 1234,
-        bytes_by_agent=dict,
+        bytes_by_agent=lambda: {"arm-9": 1234},
         runs_root=tmp_path / "runs",
         heartbeat_s=1.0,
     )

@@ -59,8 +59,7 @@ class FleetSources:
 
     store: AdapterStore
     agents: Callable[[], list[AgentRecord]]
-    #: Bytes the fetch socket has served, in all and per agent.
-    bytes_served: Callable[[], int]
+    #: Bytes the fetch socket has served, per agent.
     bytes_by_agent: Callable[[], dict[str, int]]
     #: The folder holding one ``<stamp>-run<N>/`` folder per federated run.
     runs_root: Path
@@ -72,7 +71,6 @@ class Snapshot:
     taken_at: float
     heartbeat_s: float
     agents: list[AgentRecord]
-    bytes_served: int
     bytes_by_agent: dict[str, int]
     current: int | None
     #: When the current version became the fleet's: its gate's decision, else its creation.
@@ -81,6 +79,10 @@ class Snapshot:
     normalization: Stats | None
     versions: list[VersionInfo] = field(default_factory=list)
     runs: list[RunInfo] = field(default_factory=list)
+
+    @property
+    def bytes_served(self) -> int:
+        return sum(self.bytes_by_agent.values())
 
     def version(self, number: int | None) -> VersionInfo | None:
         return next((v for v in self.versions if v.version == number), None)
@@ -124,7 +126,6 @@ class SnapshotSource:
             taken_at=now,
             heartbeat_s=src.heartbeat_s,
             agents=src.agents(),
-            bytes_served=src.bytes_served(),
             bytes_by_agent=src.bytes_by_agent(),
             current=current,
             current_since=since,

@@ -41,6 +41,7 @@ from zk0.hub.dashboard import pages as views
 from zk0.hub.dashboard.attention import attention
 from zk0.hub.dashboard.snapshot import SnapshotSource
 from zk0.hub.dashboard.token import TokenError, TokenFile, session_value
+from zk0.hub.superlink import dial_host
 from zk0.shared.dashboard_config import DashboardConfig
 from zk0.shared.flower_keys import TlsFiles
 
@@ -221,8 +222,8 @@ class DashboardServer:
 
     @property
     def url(self) -> str:
-        host = self.config.bind_host
-        host = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+        host = dial_host(self.config.bind_host)
+        host = f"[{host}]" if ":" in host else host
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}/"
 
     def start(self) -> DashboardServer:
