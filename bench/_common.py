@@ -148,3 +148,8 @@ def random_observation(policy: Any, seed: int, task: str = "pick the cube") -> d
     }
     frame["task"] = task
     return frame
+
+
+def total_episodes(dataset_root: Path) -> int:
+    """Episodes a LeRobot dataset holds, from its ``meta/info.json``."""
+    return int(json.loads((dataset_root / "meta" / "info.json").read_text())["total_episodes"])

@@ -1,4 +1,5 @@
-"""The processes of ``zk0 bench distribution``: a hub of its own, and agents many to a process.
+"""The parts of ``zk0 bench distribution``: a hub process of its own, agents many to a process,
+and the full-size versions it publishes (``AdapterMaker``).
 
 ::
 
@@ -192,3 +193,65 @@ class SystemMemory:
         self._stop.set()
         self._thread.join()
         return {"system_memory_before_gb": self.before_gb, "system_memory_peak_gb": self.peak_gb}
+
+
+class AdapterMaker:
+    """Full-size LoRA adapters with fresh random values, saved as real artifacts."""
+
+    def __init__(self, robot_config: str, wire_encoding: str = "bf16") -> None:
+        import torch
+        from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+        from zk0.shared.config import load_robot_config
+        from zk0.shared.features import PolicyFeatures
+        from zk0.shared.lora import LoraSpec, apply_lora
+        from zk0.shared.policy_factory import (
+            GENERATED_BASES,
+            BaseRef,
+            _ensure_backbone,
+            _recipe_digest,
+            smolvla_config,
+        )
+
+        features = PolicyFeatures.from_robot_config(load_robot_config(robot_config))
+        base = GENERATED_BASES["smolvla-arch"]
+        config = smolvla_config(
+            _ensure_backbone(base.backbone), features, base.smolvla_overrides, "cpu"
+        )
+        with torch.device("meta"):  # shapes only: the 451M base weights are never initialized
+            policy = SmolVLAPolicy(config)
+        self.lora = LoraSpec()
+        self.peft_model = apply_lora(policy, self.lora).to_empty(device="cpu")
+        digest = _recipe_digest(base, features)[:16]
+        self.base = BaseRef("smolvla-arch", "smolvla-arch", f"recipe:smolvla-arch-{digest}")
+        self._generator = torch.Generator().manual_seed(0)
+        self.wire_encoding = wire_encoding
+
+    def add_version(self, store: Any) -> int:
+        """A new version; with the int8 encoding (after the first), written as the hub's
+        ``Publisher`` writes it: its parent plus the int8 delta kept beside the store."""
+        import torch
+
+        from zk0.shared import wire_delta
+        from zk0.shared.artifact import load_arrays, save_adapter, save_adapter_arrays
+        from zk0.shared.lora import adapter_state
+
+        with torch.no_grad():
+            for name, param in self.peft_model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=self._generator) * 0.01)
+        parent = store.latest_version()
+        if self.wire_encoding == "bf16" or parent is None:
+            with store.allocate() as (version, path):
+                save_adapter(self.peft_model, path, version=version, base=self.base, lora=self.lora)
+            return int(version)
+        before = load_arrays(store.path(parent))
+        target = {k: v.numpy() for k, v in adapter_state(self.peft_model).items()}
+        delta = wire_delta.encode(before, target)
+        with store.allocate() as (version, path):
+            tensors = wire_delta.apply(before, delta)
+            save_adapter_arrays(
+                store.path(parent), path, tensors, version=version, parent_version=parent
+            )
+        wire_delta.save_delta(store.root, (parent, store.path(parent)), (version, path), delta)
+        return int(version)

@@ -51,7 +51,7 @@ def _stats(values: list[float], digits: int) -> dict[str, float]:
 
 
 def measure(agents: int, loads: int, events: int, work: Path, chromium: str) -> dict[str, Any]:
-    from zk0.bench.distribution import AdapterMaker
+    from zk0.bench._distribution_fleet import AdapterMaker
 
     names = [f"arm-{index:02d}" for index in range(agents)]
     drifting = set(names[7 :: max(agents // 2, 1)])

@@ -30,12 +30,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 
 from zk0.shared.cli import RobotOption
 from zk0.shared.config import DEFAULT_ROBOT_CONFIG, HubConfig
+from zk0.shared.wire_delta import WireEncoding
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -48,53 +49,8 @@ def _loopback_bytes() -> int:
     return 0
 
 
-class AdapterMaker:
-    """Full-size LoRA adapters with fresh random values, saved as real artifacts."""
-
-    def __init__(self, robot_config: str) -> None:
-        import torch
-        from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
-
-        from zk0.shared.config import load_robot_config
-        from zk0.shared.features import PolicyFeatures
-        from zk0.shared.lora import LoraSpec, apply_lora
-        from zk0.shared.policy_factory import (
-            GENERATED_BASES,
-            BaseRef,
-            _ensure_backbone,
-            _recipe_digest,
-            smolvla_config,
-        )
-
-        features = PolicyFeatures.from_robot_config(load_robot_config(robot_config))
-        base = GENERATED_BASES["smolvla-arch"]
-        config = smolvla_config(
-            _ensure_backbone(base.backbone), features, base.smolvla_overrides, "cpu"
-        )
-        with torch.device("meta"):  # shapes only: the 451M base weights are never initialized
-            policy = SmolVLAPolicy(config)
-        self.lora = LoraSpec()
-        self.peft_model = apply_lora(policy, self.lora).to_empty(device="cpu")
-        digest = _recipe_digest(base, features)[:16]
-        self.base = BaseRef("smolvla-arch", "smolvla-arch", f"recipe:smolvla-arch-{digest}")
-        self._generator = torch.Generator().manual_seed(0)
-
-    def add_version(self, store: Any) -> int:
-        import torch
-
-        from zk0.shared.artifact import save_adapter
-
-        with torch.no_grad():
-            for name, param in self.peft_model.named_parameters():
-                if "lora_" in name:
-                    param.copy_(torch.randn(param.shape, generator=self._generator) * 0.01)
-        with store.allocate() as (version, path):
-            save_adapter(self.peft_model, path, version=version, base=self.base, lora=self.lora)
-        return int(version)
-
-
 def measure(
-    maker: AdapterMaker,
+    maker: Any,
     agents: int,
     curve: bool,
     rounds: int,
@@ -195,6 +151,7 @@ def measure(
         "agents": agents,
         "curve": curve,
         "heartbeat_s": heartbeat_s,
+        "wire_encoding": maker.wire_encoding,
         "worker_processes": len(workers),
         "adapter_bytes": store.manifest(versions[-1]).adapter_bytes,
         "latencies_s": latencies,
@@ -323,6 +280,13 @@ def main(
         int, typer.Option(min=1, help="Agents one worker process holds.")
     ] = 100,
     modes: Annotated[str, typer.Option(help="curve, plain or both.")] = "both",
+    wire_encoding: Annotated[
+        str,
+        typer.Option(
+            help="bf16 (versions whole) or int8 (each version after the first also as its "
+            "int8 delta from the one before: run-config wire-encoding)."
+        ),
+    ] = "bf16",
     heartbeat_s: Annotated[
         float, typer.Option(min=0.01, help="The hub's heartbeat (hub.yaml heartbeat_s).")
     ] = HubConfig.model_fields["heartbeat_s"].default,
@@ -340,6 +304,7 @@ def main(
     from loguru import logger
 
     from zk0.bench._common import write_result
+    from zk0.bench._distribution_fleet import AdapterMaker
 
     torch.set_num_threads(1)
     logger.remove()
@@ -347,7 +312,9 @@ def main(
     load_start = os.getloadavg()[0]
     sizes = [int(n) for n in agents.split(",")]
     curves = {"both": [True, False], "curve": [True], "plain": [False]}[modes]
-    maker = AdapterMaker(robot_config)
+    if wire_encoding not in get_args(WireEncoding):
+        raise typer.BadParameter(f"--wire-encoding: {wire_encoding!r} is not bf16 or int8")
+    maker = AdapterMaker(robot_config, wire_encoding)
     scratch = Path(tempfile.mkdtemp(prefix="zk0-bench-dist-", dir=workdir))
     samples: dict[tuple[int, bool], list[dict[str, Any]]] = {}
     failed: list[dict[str, Any]] = []
@@ -375,10 +342,13 @@ def main(
     result["load_average_1min"] = {"start": load_start, "end": os.getloadavg()[0]}
     result["workdir"] = str(workdir or tempfile.gettempdir())
     runs = result["runs"]
-    summary = "distribution: {:.2f} MB adapter; ".format(result["adapter_bytes"] / 1e6) + "; ".join(
+    result["wire_encoding"] = wire_encoding
+    summary = f"distribution ({wire_encoding}): {result['adapter_bytes'] / 1e6:.2f} MB adapter; "
+    summary += "; ".join(
         f"{r['agents']} agents {'CURVE' if r['curve'] else 'plain'} "
         f"p50 {r['p50_s']:.2f} s p95 {r['p95_s']:.2f} s hub {r['hub_cpu_s_per_version']:.2f} "
-        f"CPU-s/version {r['hub_peak_rss_mb']:.0f} MB"
+        f"CPU-s/version {r['hub_peak_rss_mb']:.0f} MB "
+        f"{(r['app_bytes_per_agent_per_version'] or 0) / 1e6:.3f} MB/agent/version"
         for r in runs
     )
     summary += "".join(f"; {f['agents']} agents failed: {f['error']}" for f in failed)

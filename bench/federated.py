@@ -7,10 +7,12 @@
 (e) where a real deployment round's time goes, cold ClientApps against warm round workers
     (``zk0.bench._deployment_round``);
 (f) an arm's starved and missed control ticks while a round worker trains beside it
-    (``zk0.bench._control_ticks``).
+    (``zk0.bench._control_ticks``);
+(g) what the int8 wire encoding costs the fleet's held-out MSE against fp32 and bf16
+    (``zk0.bench._encodings``).
 
-``--parts aggregation`` is (a)-(b), ``learning`` (c)-(d), ``deployment`` (e), ``control`` (f);
-the last three run on recorded simulated episodes and take minutes.
+``--parts aggregation`` is (a)-(b), ``learning`` (c)-(d), ``deployment`` (e), ``control`` (f),
+``encoding`` (g); all but the first run on recorded simulated episodes and take minutes.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from zk0.agent.training import (
     split_episodes,
     train_policy,
 )
-from zk0.bench._common import write_result
+from zk0.bench._common import total_episodes, write_result
 from zk0.bench._control_ticks import control_ticks
 from zk0.bench._deployment_round import flower_overhead
+from zk0.bench._encodings import encoding_costs
 from zk0.hub.aggregation import MODES
 from zk0.hub.flower_app import CLIENT_APP
 from zk0.hub.history import HISTORY_FILE
@@ -157,7 +160,7 @@ def baselines(rounds: int, datasets: dict[str, Path]) -> dict[str, Any]:
 
     features = PolicyFeatures.from_robot_config(load(LEARNING.robot_config_path))
     base = build_policy(LEARNING.policy, features, device="cpu")
-    splits = {a: split_episodes(_episodes(root)) for a, root in datasets.items()}
+    splits = {a: split_episodes(total_episodes(root)) for a, root in datasets.items()}
     train = {
         a: open_dataset(root, base.policy.config, splits[a][0]) for a, root in datasets.items()
     }
@@ -197,11 +200,7 @@ def baselines(rounds: int, datasets: dict[str, Path]) -> dict[str, Any]:
     return {"centralized": central, "local_only": alone}
 
 
-def _episodes(root: Path) -> int:
-    return int(json.loads((root / "meta" / "info.json").read_text())["total_episodes"])
-
-
-PARTS = ("aggregation", "learning", "deployment", "control")
+PARTS = ("aggregation", "learning", "deployment", "control", "encoding")
 
 
 @app.command()
@@ -216,7 +215,8 @@ def main(
             help="Comma list of aggregation (payload and aggregation time), learning (eval MSE "
             "by mode and its bounds), deployment (a round's overhead, cold ClientApps against "
             "warm round workers), control (an arm's missed ticks while a round trains beside "
-            "it). With fewer than all, the other parts of an existing --json "
+            "it), encoding (held-out MSE of int8 and bf16 versions against fp32). With fewer "
+            "than all, the other parts of an existing --json "
             "file are kept (each part names when it was measured)."
         ),
     ] = ",".join(PARTS),
@@ -262,7 +262,9 @@ def main(
             + ", ".join(f"{mode} {times[mode].get('100', float('nan')):.2f}s" for mode in MODES)
         )
     datasets = (
-        client_datasets(AGENTS, episodes, 6.0) if set(chosen) & {"learning", "deployment"} else {}
+        client_datasets(AGENTS, episodes, 6.0)
+        if set(chosen) & {"learning", "deployment", "encoding"}
+        else {}
     )
     if "learning" in chosen:
         with tempfile.TemporaryDirectory(prefix="zk0-bench-fed-") as tmp:
@@ -322,6 +324,16 @@ def main(
             f" s ({warm_round['flower_overhead_fraction']:.0%}) with warm round workers, "
             f"{rounds_of['cold']['flower_overhead_s_per_round']:.1f} s "
             f"({rounds_of['cold']['flower_overhead_fraction']:.0%}) cold"
+        )
+    if "encoding" in chosen:
+        with tempfile.TemporaryDirectory(prefix="zk0-bench-fed-enc-") as tmp:
+            run = LEARNING.model_copy(update={"num_server_rounds": rounds})
+            costs = encoding_costs(run, datasets, Path(tmp), simulate)
+        result["wire_encoding"] = costs
+        summary.append(
+            f"held-out MSE after {rounds} rounds: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in costs["final_held_out_mse"].items())
+            + " (int8 {:+.2%} vs fp32)".format(costs["final_held_out_mse_change_vs_fp32"]["int8"])
         )
     if "control" in chosen:
         ticks = control_ticks(control_episodes)

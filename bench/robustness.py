@@ -51,7 +51,7 @@ from zk0.bench._robustness_fleet import Fleet, Training, arrays_digest, fleet_cl
 from zk0.bench._robustness_flower import block_datasets, flower_runs
 from zk0.bench._robustness_summary import BARS, CLIENTS, relative, summarize
 from zk0.hub.aggregation import Arrays
-from zk0.hub.server_app import Publisher
+from zk0.hub.publisher import Publisher
 from zk0.hub.strategy import LoRAFedAvg, to_record
 from zk0.shared.artifact import load_arrays
 from zk0.shared.features import PolicyFeatures

@@ -14,16 +14,18 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from loguru import logger
 
 from zk0.hub.fleet import FleetTable
-from zk0.shared.artifact import ArtifactError, Manifest, verify_artifact
+from zk0.shared.artifact import TENSORS_FILE, ArtifactError, Manifest, verify_artifact
 from zk0.shared.distribution import protocol as p
 from zk0.shared.distribution.keys import AllowList, key_id
+from zk0.shared.fsutil import sha256_file
 from zk0.shared.store import AdapterStore
+from zk0.shared.wire_delta import DELTA_FILE, DeltaError, DeltaOrigin, delta_path
 
 _REFUSED = re.compile(r"^refused v(\d+): ")
 _FAULT_LOG_WINDOW_S = 10.0
@@ -39,6 +41,18 @@ class ServedVersion:
     manifest: Manifest
     manifest_bytes: bytes
     folder: Path
+    #: 2.5: the int8 delta offered with the manifest, and where it lies (both or neither).
+    delta: p.DeltaOffer | None = None
+    delta_file: Path | None = None
+
+    def file(self, name: str) -> tuple[Path, int] | None:
+        """Where an agent's ``get_chunk`` file lies and its size; None: not one to serve.
+        The version's own files come first: a delta is never offered under one's name."""
+        if (entry := self.manifest.files.get(name)) is not None:
+            return self.folder / name, entry.size
+        if self.delta is not None and self.delta_file is not None and name == self.delta.file:
+            return self.delta_file, self.delta.size
+        return None
 
     @property
     def size(self) -> int:
@@ -86,11 +100,13 @@ class ZapPolicy:
 
 
 class VersionCache:
-    """Stored versions, each verified in full the first time it is asked for."""
+    """Stored versions, each verified in full the first time it is asked for, with the int8
+    delta the store keeps for it (``zk0.shared.wire_delta``) if it still fits."""
 
     def __init__(self, store: AdapterStore) -> None:
         self.store = store
         self._served: dict[int, ServedVersion] = {}
+        self._bad_deltas: set[tuple[int, str]] = set()  # (version, why): each logged once
 
     def get(self, version: int) -> ServedVersion | None:
         served = self._served.get(version)
@@ -106,8 +122,47 @@ class VersionCache:
             served = ServedVersion(
                 version, manifest.artifact_id, manifest, manifest.canonical_bytes(), folder
             )
+            served = self.with_delta(served)
             self._served[version] = served
         return served
+
+    def with_delta(self, served: ServedVersion) -> ServedVersion:
+        """``served`` with the delta kept for it, if it has none yet: also one kept after the
+        version was first served (a manifest request costs a version without one a stat)."""
+        path = delta_path(self.store.root, served.version)
+        if served.delta is not None or not path.is_file():
+            return served
+        offer = self._delta_offer(served.manifest, path)
+        if offer is None:
+            return served
+        self._served[served.version] = served = replace(served, delta=offer, delta_file=path)
+        return served
+
+    def _delta_offer(self, manifest: Manifest, path: Path) -> p.DeltaOffer | None:
+        """The delta at ``path`` if it rebuilds exactly ``manifest``'s artifact from a version
+        still stored with the artifact id it names; None (a bad one logged once) else."""
+        version = manifest.version
+        if DELTA_FILE in manifest.files or TENSORS_FILE not in manifest.files:
+            return None
+        try:
+            origin = DeltaOrigin.of(path)
+            if (origin.to_version, origin.to_artifact_id) != (version, manifest.artifact_id):
+                raise DeltaError(f"it rebuilds v{origin.to_version} {origin.to_artifact_id:.12}…")
+            if self.store.manifest(origin.from_version).artifact_id != origin.from_artifact_id:
+                raise DeltaError(f"v{origin.from_version} is stored with another artifact id")
+            return p.DeltaOffer(
+                from_version=origin.from_version,
+                from_artifact_id=origin.from_artifact_id,
+                file=DELTA_FILE,
+                rebuilds=TENSORS_FILE,
+                size=path.stat().st_size,
+                sha256=sha256_file(path),
+            )
+        except (ArtifactError, OSError, ValueError) as error:  # DeltaError, ValidationError too
+            if (version, str(error)) not in self._bad_deltas:
+                self._bad_deltas.add((version, str(error)))
+                logger.warning("not offering the int8 delta of version {}: {}", version, error)
+            return None
 
     def forget(self, version: int) -> None:
         self._served.pop(version, None)
@@ -225,11 +280,13 @@ class FetchService:
                     message.version,
                     BUSY_RETRY_S,
                 )
+            served = self.cache.with_delta(served)
             self.bytes_by_agent[who] += len(served.manifest_bytes)
             reply = p.ManifestReply(
                 version=served.version,
                 artifact_id=served.artifact_id,
                 manifest=served.manifest_bytes,
+                delta=served.delta,
             )
             return p.encode(reply)
         assert isinstance(message, p.GetChunk)
@@ -244,12 +301,12 @@ class FetchService:
         served = self.cache.get(request.version)
         if served is None or served.artifact_id != request.artifact_id:
             return _error("unknown_version", "no such version/artifact id", request.version)
-        entry = served.manifest.files.get(request.file)
-        if entry is None or request.offset + request.length > entry.size:
+        where = served.file(request.file)
+        if where is None or request.offset + request.length > where[1]:
             self.faults.record("fetch", source, f"chunk outside the artifact: {request.file!r}")
             return _error("bad_request", "chunk outside the artifact", request.version)
         try:
-            fd = os.open(served.folder / request.file, os.O_RDONLY)
+            fd = os.open(where[0], os.O_RDONLY)
             try:
                 data = os.pread(fd, request.length, request.offset)
             finally:

@@ -170,6 +170,8 @@ class LoRAFedAvg(FedAvg):
     claiming to have trained on more is counted with that many (None: no statuses known).
     ``excluded``: agent id -> why its replies never count in this run (its statistics were
     dropped from the run's normalization: ``zk0.hub.fleet_stats``).
+    ``as_run(round, arrays)``: what the arms run of a round's arrays, which its evaluation
+    scores (default: them rounded to bfloat16, as stored).
     """
 
     def __init__(
@@ -184,6 +186,7 @@ class LoRAFedAvg(FedAvg):
         start_from: Callable[[int], Arrays | None] | None = None,
         held_frames: Callable[[], Mapping[str, int]] | None = None,
         excluded: Mapping[str, str] | None = None,
+        as_run: Callable[[int, Arrays], Arrays] | None = None,
         **fedavg_options: object,
     ) -> None:
         super().__init__(**fedavg_options)  # type: ignore[arg-type]
@@ -194,6 +197,7 @@ class LoRAFedAvg(FedAvg):
         self.held_frames = held_frames
         self.excluded = dict(excluded or {})
         self.success_episodes = success_episodes
+        self.as_run = as_run or (lambda _round, arrays: as_stored(arrays))
         self.optimizer: OptimizerSettings | None = None
         self.optimizer_state: OptimizerState | None = None
         if optimizer is not None and optimizer.server_optimizer != "none":
@@ -224,8 +228,8 @@ class LoRAFedAvg(FedAvg):
         self.report(server_round).success_asked = asked
         # A copy: Flower hands the same record to every round (and to training).
         round_config = ConfigRecord({**config, SUCCESS_EPISODES_ASKED: asked})
-        # What the arms run: the version as stored (bfloat16), not the hub's float32 master.
-        stored = pack(as_stored(to_numpy(arrays)))
+        # What the arms run: the version as stored, not the hub's float32 master.
+        stored = pack(self.as_run(server_round, to_numpy(arrays)))
         return super().configure_evaluate(server_round, stored, round_config, grid)
 
     def aggregate_train(

@@ -29,6 +29,7 @@ from zk0.shared.config import (
 )
 from zk0.shared.lora import LoraSpec
 from zk0.shared.validation import describe
+from zk0.shared.wire_delta import WireEncoding
 
 # Record names in the messages between ServerApp and ClientApp.
 ARRAYS_KEY = "arrays"  # ArrayRecord: adapter tensors (PEFT names)
@@ -40,10 +41,9 @@ AGENT_ID = "agent-id"
 EXAMPLES = "num-examples"
 EVAL_MSE = "eval-mse"
 TRAIN_SECONDS = "train-seconds"
-#: Train and evaluate reply metrics, where a round's time goes on the agent (seconds): the whole
-#: task in the process that ran it (model set-up included; ``train-seconds`` is the optimizer
-#: steps alone), the ClientApp process's start until it ran, and the hand-over to the round
-#: worker and back (0 without one).
+#: Reply metrics, where a round's time goes on the agent (seconds): the whole task (model set-up
+#: included; ``train-seconds`` is the optimizer steps alone), the ClientApp process's start until
+#: it ran, and the hand-over to the round worker and back (0 without one).
 TASK_SECONDS = "task-seconds"
 CLIENTAPP_START_SECONDS = "clientapp-start-seconds"
 HANDOVER_SECONDS = "handover-seconds"
@@ -62,10 +62,8 @@ FlowerValue = str | int | float | bool
 
 
 def _toml_value(value: FlowerValue) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
+    if isinstance(value, bool | int | float):
+        return str(value).lower() if isinstance(value, bool) else repr(value)
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
@@ -130,6 +128,10 @@ class RunSettings(FlowerSettings):
     aggregation: Annotated[
         Literal["fedavg", "svd", "ffa"], _help("How client adapters are merged.")
     ] = "fedavg"
+    # int8: a version is its parent plus an int8 difference, half the bytes (zk0.shared.wire_delta)
+    wire_encoding: Annotated[
+        WireEncoding, _help("How versions travel to the arms that hold their parent.")
+    ] = "bf16"
     # Robust aggregation (zk0.hub.robust), for every mode: replies are scored by their update's
     # norm, and its distance and direction to the fleet's median update, clipped, rejected,
     # their self-reported example counts capped; the shared normalization statistics get the

@@ -62,6 +62,25 @@ def safetensors_layout(path: Path) -> dict[str, TensorLayout]:
     ranges outside the file or not matching dtype x shape), the answer is a ``SafetensorsError``
     naming the file and the field, never a ``TypeError`` from deep inside.
     """
+    header, length, data_bytes = _header(path)
+    header.pop("__metadata__", None)
+    return {
+        name: _tensor_layout(path, name, info, 8 + length, data_bytes)
+        for name, info in sorted(header.items())
+    }
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The header's ``__metadata__`` (text to text; empty when there is none)."""
+    metadata = _header(path)[0].get("__metadata__", {})
+    if not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError(f"{path}: safetensors header: __metadata__ holds non-text values")
+    return dict(metadata)
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """(header, its length, the bytes after it), the header a JSON object and its
+    ``__metadata__`` (if any) an object."""
     with path.open("rb") as handle:
         raw_length = handle.read(8)
         if len(raw_length) != 8:
@@ -83,12 +102,9 @@ def safetensors_layout(path: Path) -> dict[str, TensorLayout]:
         raise SafetensorsError(
             f"{path}: safetensors header is a JSON {type(header).__name__}, not an object"
         )
-    if not isinstance(header.pop("__metadata__", {}), dict):
+    if not isinstance(header.get("__metadata__", {}), dict):
         raise SafetensorsError(f"{path}: safetensors header: __metadata__ is not an object")
-    return {
-        name: _tensor_layout(path, name, info, 8 + length, data_bytes)
-        for name, info in sorted(header.items())
-    }
+    return header, length, data_bytes
 
 
 def _tensor_layout(

@@ -6,6 +6,8 @@ Layout::
     <root>/current.json      {"version": v, "artifact_id": "<sha256>"}, switched atomically
     <root>/store.lock        held while a version number is allocated or a pointer moves
     <root>/refused.json      versions an agent refused for their content, with the reason
+    <root>/deltas/<v>.safetensors   the hub's int8 difference of v from its parent, if any
+                             (``zk0.shared.wire_delta``); pruned with v
 
 Hub and agents both use it: the hub allocates versions for what its rounds produce; agents
 install the versions they fetch under the hub's numbers. Versions are immutable once written,
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from zk0.shared.artifact import ArtifactError, Manifest, read_manifest, verify_artifact
 from zk0.shared.fsutil import atomic_write_bytes, file_lock, publish_dir, staging_dir_for
+from zk0.shared.wire_delta import delta_path
 
 CURRENT = "current.json"
 REFUSED = "refused.json"
@@ -162,6 +165,7 @@ class AdapterStore:
                 trash = self.versions_dir / f".{version}.deleting"
                 self.path(version).rename(trash)
                 shutil.rmtree(trash)
+                delta_path(self.root, version).unlink(missing_ok=True)
             # Leftovers of a crash mid-write or mid-delete; never visible as versions.
             for leftover in [
                 *self.versions_dir.glob(".*.staging"),

@@ -133,7 +133,7 @@ def test_an_honest_trained_tiny_adapter_passes_with_a_wide_margin(
 def test_the_hub_does_not_store_a_bad_version_and_keeps_the_previous_current(
     trained_tiny: tuple[LoadedPolicy, dict[str, Any]], tmp_path: Path
 ) -> None:
-    from zk0.hub.server_app import Publisher
+    from zk0.hub.publisher import Publisher
     from zk0.shared.federation import RunSettings
     from zk0.shared.normalization import loads
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from fake_hub import FakeHub
 
 from zk0.agent.distribution.state import StatusBox, SubscriberOptions
@@ -92,3 +93,59 @@ def test_a_request_the_hub_dropped_is_asked_again_on_the_next_reply_not_after_a_
     assert time.monotonic() - started < 5.0
     again = [r for r in hub.served if r == dropped]
     assert len(again) == 1  # asked again once, after the reply to the chunk sent after it
+
+
+def test_a_waiting_agent_leaves_out_heartbeat_statuses_that_say_nothing_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While its requests reach the hub (a queued agent's manifest asks, chunk requests), an
+    agent's heartbeat status that says nothing new stays home: the hub counts any request as a
+    sign of life. A status that says something new goes out at once, and so does the heartbeat
+    once the agent has asked nothing for 2.5 heartbeats. Real sockets, the agent's clock made
+    to step a heartbeat at a time."""
+    import zmq
+
+    from zk0.agent.distribution import subscriber as module
+    from zk0.shared.config import HubAddress
+
+    now = [100.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    hub = HubAddress(host="127.0.0.1", publish_port=1, fetch_port=port)
+    agent = module.AdapterSubscriber("arm-0", tmp_path / "adapters", hub, None, insecure=True)
+    agent._dealer = ctx.socket(zmq.DEALER)
+    agent._dealer.connect(f"tcp://127.0.0.1:{port}")
+
+    def statuses_received() -> list[str]:
+        syncs = []
+        while router.poll(300):
+            message = p.decode_request(router.recv_multipart()[1:])
+            if isinstance(message, p.Status):
+                syncs.append(message.sync)
+        return syncs
+
+    ask = p.GetManifest(version=1, artifact_id="a" * 64)
+    try:
+        agent._send_status()  # the first (at start): always
+        assert statuses_received() == ["starting"]
+        for second in range(8):  # queued: asks every other second, nothing new to say
+            now[0] += 1.0
+            if second % 2 == 0:
+                assert agent._send(ask)
+            agent._send_status(periodic=True)
+        assert statuses_received() == []
+        agent._status.update(sync="queued")  # something new: it goes out
+        now[0] += 1.0
+        assert agent._send(ask)
+        agent._send_status(periodic=True)
+        assert statuses_received() == ["queued"]
+        for _ in range(4):  # no more asks: the heartbeat resumes 2.5 heartbeats after the last
+            now[0] += 1.0
+            agent._send_status(periodic=True)
+        assert statuses_received() == ["queued", "queued"]
+    finally:
+        agent._dealer.close(linger=0)
+        router.close(linger=0)
+        ctx.term()

@@ -151,9 +151,12 @@ def test_store_imports_no_torch() -> None:
 def test_the_hub_trains_on_from_its_float32_master_only_while_it_is_the_versions(
     tmp_path: Path,
 ) -> None:
-    """Versions hold bfloat16; the hub's float32 master continues training, unless it no longer
-    rounds to the version's stored tensors (then the stored ones, widened)."""
+    """Versions hold bfloat16 (or, with the int8 wire encoding, their parent plus an int8
+    difference); the hub's float32 master continues training only while it is the version's:
+    written for its artifact id, or, for masters written before ids were kept, rounding to its
+    stored tensors. Otherwise the stored ones, widened."""
     import numpy as np
+    from safetensors.numpy import save_file
 
     from zk0.hub.masters import MasterAdapters
     from zk0.shared.artifact import as_stored
@@ -163,10 +166,20 @@ def test_the_hub_trains_on_from_its_float32_master_only_while_it_is_the_versions
     stored = as_stored(master)
     assert not np.array_equal(stored["m.lora_A.weight"], master["m.lora_A.weight"])
     masters = MasterAdapters(tmp_path)
-    assert masters.starting_point(3, stored) is stored  # no master: the version itself
-    masters.save(3, master)
+    assert masters.starting_point(3, "a" * 64, stored) is stored  # no master: the version itself
+    masters.save(3, master, "a" * 64)
     np.testing.assert_array_equal(
-        masters.starting_point(3, stored)["m.lora_A.weight"], master["m.lora_A.weight"]
+        masters.starting_point(3, "a" * 64, stored)["m.lora_A.weight"], master["m.lora_A.weight"]
+    )
+    assert masters.starting_point(3, "b" * 64, stored) is stored  # another artifact numbered 3
+    quantized = {"m.lora_A.weight": stored["m.lora_A.weight"] + 2**-10}  # does not round to it
+    np.testing.assert_array_equal(
+        masters.starting_point(3, "a" * 64, quantized)["m.lora_A.weight"],
+        master["m.lora_A.weight"],
+    )
+    save_file(master, str(masters.path(3)))  # written before ids were kept
+    np.testing.assert_array_equal(
+        masters.starting_point(3, "b" * 64, stored)["m.lora_A.weight"], master["m.lora_A.weight"]
     )
     other = as_stored({"m.lora_A.weight": master["m.lora_A.weight"] + 0.01})
-    assert masters.starting_point(3, other) is other  # a master of another version 3
+    assert masters.starting_point(3, "b" * 64, other) is other  # a master of another version 3

@@ -6,6 +6,8 @@ store copies it in (artifact id, every file's sha256 and size, tensor shapes; th
 the engine's tensors are checked against the manifest). Files the store already holds (same
 sha256 and size, e.g. after a rollback) are copied locally instead of fetched. A crash at any
 point leaves a partial folder that the next start deletes: never a version, never ``current``.
+A file the hub offers an int8 delta for (2.5) is rebuilt from it when that fits
+(``zk0.agent.distribution.delta_fetch``), else fetched whole.
 
 The manifest is held to the agent's ``DistributionLimits`` (size, file count) before any chunk
 is asked for, and chunk requests are made only as credit frees up, one file cursor at a time:
@@ -31,6 +33,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loguru import logger
+
+from zk0.agent.distribution.delta_fetch import DeltaFetch
 from zk0.shared.artifact import (
     ID_FILE,
     MANIFEST,
@@ -71,6 +76,11 @@ class ChunkPlan:
     @property
     def done(self) -> bool:
         return self._index >= len(self._files)
+
+    def add(self, name: str, size: int) -> None:
+        """One more file to fetch, after those planned (e.g. one a delta failed to rebuild)."""
+        if size > 0:
+            self._files.append((name, size))
 
     def next(self) -> tuple[str, int, int]:
         """(file, offset, length) of the next chunk; only when not ``done``."""
@@ -120,8 +130,9 @@ class Download:
         self._fds: dict[str, int] = {}
         self.manifest_sent_at = 0.0
         self.last_progress = time.monotonic()
-        self.fetched_bytes = 0
+        self.fetched_bytes = 0  # what came over the wire, the delta's bytes included
         self.local_bytes = 0
+        self.delta: DeltaFetch | None = None  # 2.5: a file rebuilt from an int8 delta
         self.retries = 0  # re-asks since the last reply
         self.reply_s: float | None = None  # smoothed reply time of chunks asked for once
         self._jitter = 1.0
@@ -231,18 +242,23 @@ class Download:
                 raise ArtifactError(f"v{manifest.version}: refusing file name {name!r}")
         self.manifest, self._manifest_bytes = manifest, reply.manifest
         local = self._local_copies(manifest)
+        self.delta = DeltaFetch.plan(reply.delta, manifest, local, self.store, self.limits)
         to_fetch = []
         for name, entry in sorted(manifest.files.items()):
             if name in local:
                 shutil.copyfile(local[name], self.partial / name)
                 self.local_bytes += entry.size
                 continue
-            self._fds[name] = os.open(
-                self.partial / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644
-            )
-            to_fetch.append((name, entry.size))
+            size = entry.size
+            if self.delta is not None and name == self.delta.offer.rebuilds:
+                name, size = self.delta.offer.file, self.delta.offer.size
+            self._open(name)
+            to_fetch.append((name, size))
         self._plan = ChunkPlan(to_fetch, self.chunk_bytes)
         self.last_progress = time.monotonic()
+
+    def _open(self, name: str) -> None:
+        self._fds[name] = os.open(self.partial / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
     def _check_limits(self, manifest: Manifest, manifest_bytes: int) -> None:
         """Refuse a version larger than this agent accepts (``distribution_limits``)."""
@@ -301,7 +317,24 @@ class Download:
             self.reply_s = sample if self.reply_s is None else 0.875 * self.reply_s + sample / 8
         self.last_progress = now
         self.retries = 0
+        if self.delta is not None and reply.file == self.delta.offer.file:
+            self._on_delta_bytes(len(data))
         return True
+
+    def _on_delta_bytes(self, count: int) -> None:
+        """Once the delta is whole: rebuild its file, or fetch that file whole (logged)."""
+        assert self.delta is not None and self.manifest is not None
+        self.delta.left -= count
+        if self.delta.left > 0:
+            return
+        os.close(self._fds.pop(self.delta.offer.file))
+        why = self.delta.rebuild(self.partial)
+        if why is not None:
+            name = self.delta.offer.rebuilds
+            logger.warning("v{}: the int8 delta did not rebuild {} ({}); fetching it whole",
+                           self.target.version, name, why)  # fmt: skip
+            self._open(name)
+            self._plan.add(name, self.manifest.files[name].size)
 
     def stalled(self, timeout_s: float) -> bool:
         return time.monotonic() - self.last_progress > timeout_s

@@ -268,11 +268,15 @@ class Updater:
         download.discard()
         self.download = None
         time.sleep(delay)
+        delta = download.delta
         logger.info(
-            "version {} verified: {:,} bytes fetched, {:,} reused from the store",
+            "version {} verified: {:,} bytes fetched, {:,} reused from the store{}",
             manifest.version,
             download.fetched_bytes,
             download.local_bytes,
+            f" ({delta.offer.size:,} of them an int8 delta from v{delta.offer.from_version})"
+            if delta is not None and delta.used
+            else "",
         )
         self._accept(manifest)
 

@@ -30,7 +30,7 @@ from zk0.shared.agent_status import AgentReport
 from zk0.shared.config import AGENT_ID_PATTERN
 from zk0.shared.validation import Protocol, ProtocolVersionError, WireModel, describe
 
-PROTOCOL = Protocol("adapter distribution", "2.4")
+PROTOCOL = Protocol("adapter distribution", "2.5")
 #: First frame of every message on the PUB socket (agents subscribe to it).
 ANNOUNCE_TOPIC = b"zk0.adapter"
 #: Chunk size agents ask for by default, and the most the hub serves in one reply.
@@ -57,6 +57,7 @@ ArtifactId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 HubId = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
 AgentId = Annotated[str, Field(pattern=AGENT_ID_PATTERN)]
 FileName = Annotated[str, Field(pattern=FILE_NAME_PATTERN)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Word = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 Detail = Annotated[str, Field(max_length=300)]
 #: denied (key not in the allow-list), protocol (another major version), bad_request (malformed
@@ -145,11 +146,25 @@ class GetChunk(Message):
     length: Annotated[int, Field(ge=1, le=MAX_CHUNK_BYTES)]
 
 
+class DeltaOffer(WireModel):
+    """2.5: ``file``, fetched with ``get_chunk`` like the version's own files, rebuilds its
+    file ``rebuilds`` from that file of ``from_version`` (``zk0.shared.wire_delta``)."""
+
+    from_version: Count
+    from_artifact_id: ArtifactId
+    file: FileName  # not one of the version's files
+    rebuilds: FileName
+    size: Count
+    sha256: Sha256  # of ``file``; the rebuilt file must still hash to the manifest's entry
+
+
 class ManifestReply(Message):
     t: Literal["manifest"] = "manifest"
     version: Count
     artifact_id: ArtifactId
     manifest: Annotated[bytes, Field(max_length=MAX_MANIFEST_BYTES)]
+    #: 2.5: set when the hub keeps an int8 delta of this version (agents may ignore it).
+    delta: DeltaOffer | None = None
 
 
 class ChunkReply(Message):
