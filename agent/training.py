@@ -124,17 +124,21 @@ def train_policy(model: Any, preprocessor: Any, dataset: Any, config: TrainConfi
     model.train()
     start, losses, examples = time.perf_counter(), [], 0
     batches = _batches(dataset, config.batch_size, config.seed)
-    for _ in range(config.local_steps):
-        batch = preprocessor(next(batches))
-        with autocast:
-            loss, _ = model.forward(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        examples += len(batch[ACTION_KEY])
+    # The flow-matching noise and times SmolVLA samples, and LoRA's dropout, come from torch's
+    # global generator: seeded here (and restored after), the same steps give the same adapter.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        for _ in range(config.local_steps):
+            batch = preprocessor(next(batches))
+            with autocast:
+                loss, _ = model.forward(batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            examples += len(batch[ACTION_KEY])
     model.eval()
     seconds = time.perf_counter() - start
     tail = losses[-max(1, len(losses) // 4) :]

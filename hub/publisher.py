@@ -68,9 +68,14 @@ class Publisher:
 
     def fresh_adapter(self, stats: Stats) -> tuple[int, Arrays]:
         """Version 0: a freshly initialised adapter carrying the shared normalization. The
-        only time the hub builds the policy: later versions are written from arrays."""
+        only time the hub builds the policy: later versions are written from arrays. Its
+        lora_A draws come from the run's ``seed``: the same run config, the same version 0."""
+        import torch
+
         loaded = build_policy(self.settings.policy, self.features, device="cpu")
-        peft_model = apply_lora(loaded.policy, self.lora, loaded.base.name_or_path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.settings.seed)
+            peft_model = apply_lora(loaded.policy, self.lora, loaded.base.name_or_path)
         with self.store.allocate() as (version, path):
             save_adapter(
                 peft_model,

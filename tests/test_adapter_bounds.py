@@ -154,6 +154,22 @@ def test_the_hub_does_not_store_a_bad_version_and_keeps_the_previous_current(
     assert publisher.publish(better, stats, parent=good, round_=3, metrics={}) == good + 1
 
 
+def test_the_same_run_seed_gives_the_same_version_0(tmp_path: Path) -> None:
+    """The hub draws version 0's lora_A from the run's seed: runs compared on the same seeds
+    start from the same adapter."""
+    from zk0.hub.publisher import Publisher
+    from zk0.shared.federation import RunSettings
+    from zk0.shared.normalization import loads
+
+    stats = loads((COMMITTED_BASES / "tiny-sim-base" / "normalization.json").read_bytes())
+    files = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        store = AdapterStore(tmp_path / name)
+        version, _ = Publisher(RunSettings(policy="tiny", seed=seed), store).fresh_adapter(stats)
+        files[name] = store.manifest(version).files["adapter_model.safetensors"].sha256
+    assert files["a"] == files["b"] != files["c"]
+
+
 # -- the agent ---------------------------------------------------------------------------------
 
 

@@ -118,6 +118,34 @@ def test_training_moves_only_lora_weights(make_tiny: Callable[[], LoadedPolicy])
     assert vision_or_text == []
 
 
+def test_local_training_gives_the_same_adapter_from_the_same_seed(
+    make_tiny: Callable[[], LoadedPolicy],
+) -> None:
+    """SmolVLA samples its flow-matching noise and times from torch's global generator: a
+    round's training seeds it (and leaves it as it was), so methods compared on the same seeds
+    differ by their method, not by noise."""
+    from zk0.agent.episode_cache import recorded
+    from zk0.agent.training import TrainConfig, open_dataset, train_policy
+    from zk0.shared.lora import adapter_state
+    from zk0.shared.sim_variants import BASE_VARIANT
+
+    root = recorded("base-check", {**BASE_VARIANT, "seed": 4242}, episodes=2, episode_time_s=6.0)
+
+    def trained(seed: int) -> dict[str, torch.Tensor]:
+        tiny = make_tiny()
+        torch.manual_seed(0)  # the same lora_A draws: one version 0 trained three times
+        peft_model = apply_lora(tiny.policy, LoraSpec())
+        dataset = open_dataset(root, tiny.policy.config)
+        outside = torch.random.get_rng_state()
+        train_policy(peft_model, tiny.preprocessor, dataset, TrainConfig(local_steps=3, seed=seed))
+        assert torch.equal(torch.random.get_rng_state(), outside)  # the caller's stream untouched
+        return adapter_state(peft_model)
+
+    first, again, other = trained(5), trained(5), trained(6)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not all(torch.equal(first[name], other[name]) for name in first)
+
+
 def _policy_info(spec: str) -> dict[str, object]:
     result = subprocess.run(
         [sys.executable, "-m", "zk0.cli", "policy", "info", "--policy", spec, "--json"],
