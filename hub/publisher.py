@@ -149,8 +149,11 @@ class Publisher:
         before = load_arrays(self.store.path(parent))
         if {k: v.shape for k, v in before.items()} != {k: v.shape for k, v in arrays.items()}:
             return as_stored(arrays), None  # another layout: only a whole version can say it
-        delta = wire_delta.encode(before, arrays)
-        return wire_delta.apply(before, delta), delta
+        try:
+            delta = wire_delta.encode(before, arrays)
+            return wire_delta.apply(before, delta), delta
+        except DeltaError:  # not finite: the bounds verdict says why it is not stored
+            return as_stored(arrays), None
 
     def out_of_bounds(self, arrays: Arrays) -> str | None:
         """Why ``arrays`` may not become a version (one line), or None."""

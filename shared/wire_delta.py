@@ -98,6 +98,8 @@ def encode(parent: Arrays, target: Arrays) -> Delta:
     delta: Delta = {}
     for name in sorted(parent):
         diff = (np.asarray(target[name], np.float32) - parent[name]).ravel()
+        if not np.isfinite(diff).all():
+            raise DeltaError(f"tensor {name}: the difference is not finite")
         padded = np.zeros(math.ceil(diff.size / BLOCK) * BLOCK, np.float32)
         padded[: diff.size] = diff
         blocks = padded.reshape(-1, BLOCK)

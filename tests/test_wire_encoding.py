@@ -61,6 +61,9 @@ def test_a_round_version_is_its_parent_plus_a_delta_that_rebuilds_it_bit_for_bit
         assert all(np.array_equal(trained_from[k], master[k]) for k in master)
         parent = version
     assert store.versions() == [0, 1, 2]
+    poisoned = {k: np.full_like(v, np.nan) for k, v in master.items()}
+    assert publisher.publish(poisoned, stats, parent=2, round_=3, metrics={}) == 2  # refused
+    assert store.versions() == [0, 1, 2] and store.current().version == 2
     store.prune(keep=1)
     kept = sorted(path.name for path in (store.root / "deltas").glob("*"))
     assert kept == (["2.safetensors"] if encoding == "int8" else [])  # pruned with versions
