@@ -34,6 +34,7 @@ from zk0.shared.policy_factory import BaseRef
 from zk0.shared.safetensors_file import (
     SafetensorsError,
     TensorEntry,
+    as_bf16,
     read_float_tensors,
     safetensors_header,
 )
@@ -339,16 +340,9 @@ def write_tensors(path: Path, tensors: Mapping[str, Any]) -> None:
 
 
 def as_stored(arrays: Mapping[str, Any]) -> dict[str, NDArray[np.float32]]:
-    """``arrays`` rounded to ``STORED_DTYPE`` and widened back: the values a version holds."""
-    import torch
-
-    return {
-        name: torch.from_numpy(np.array(value, np.float32))
-        .to(torch.bfloat16)
-        .to(torch.float32)
-        .numpy()
-        for name, value in arrays.items()
-    }
+    """``arrays`` rounded to ``STORED_DTYPE`` and widened back: the values a version holds
+    (round-to-nearest-even, as torch's cast that writes them)."""
+    return {name: as_bf16(np.asarray(value, np.float32)) for name, value in arrays.items()}
 
 
 def load_tensors(folder: Path) -> dict[str, Any]:

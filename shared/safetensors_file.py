@@ -166,3 +166,11 @@ def _decode(raw: bytes, dtype: str) -> NDArray[Any]:
     if dtype == "BF16":  # bfloat16 is the high half of a float32
         return (values.astype(np.uint32) << 16).view(np.float32)
     return values
+
+
+def as_bf16(values: NDArray[Any]) -> NDArray[np.float32]:
+    """float32 values rounded to the nearest bfloat16 (ties to even, as torch casts), as
+    float32: exactly what a BF16 tensor written from them reads back as."""
+    bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
+    rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32)

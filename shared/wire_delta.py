@@ -33,6 +33,8 @@ from numpy.typing import NDArray
 from zk0.shared.safetensors_file import (
     SafetensorsError,
     TensorLayout,
+    as_bf16,
+    read_float_tensors,
     safetensors_layout,
     safetensors_metadata,
 )
@@ -82,13 +84,6 @@ class DeltaOrigin:
 
 def delta_path(store_root: Path, version: int) -> Path:
     return Path(store_root) / DELTAS / f"{version}.safetensors"
-
-
-def as_bf16(values: NDArray[Any]) -> NDArray[np.float32]:
-    """float32 values rounded to the nearest bfloat16 (ties to even), as float32."""
-    bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
-    rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) & np.uint32(0xFFFF0000)
-    return rounded.view(np.float32)
 
 
 def encode(parent: Arrays, target: Arrays) -> Delta:
@@ -177,14 +172,12 @@ def rebuild(parent_file: Path, delta_file: Path, out: Path) -> None:
         raise DeltaError(str(error)) from None
     if any(tensor.entry.dtype != "BF16" for tensor in layout.values()):
         raise DeltaError(f"{parent_file}: not a bfloat16 adapter; a delta cannot rebuild it")
-    raw = bytearray(parent_file.read_bytes())
-    parent = {
-        name: (
-            np.frombuffer(raw, "<u2", math.prod(t.entry.shape), t.start).astype(np.uint32) << 16
-        ).view(np.float32)
-        for name, t in layout.items()
-    }
+    try:
+        parent = read_float_tensors(parent_file)
+    except (OSError, SafetensorsError) as error:
+        raise DeltaError(str(error)) from None
     values = apply(parent, read_delta(delta_file, layout))
+    raw = bytearray(parent_file.read_bytes())
     for name, tensor in layout.items():
         bits = (values[name].ravel().view(np.uint32) >> 16).astype("<u2")
         raw[tensor.start : tensor.end] = bits.tobytes()
